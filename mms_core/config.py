@@ -1,0 +1,67 @@
+"""Process-wide settings: where state lives and which servers to use.
+
+Everything has an embedded default, so a fresh checkout runs with no setup: state under
+./.mms, MLflow on SQLite there, a Dask LocalCluster, Prefect's temporary local server.
+`mms stack up` (or a cluster) is used by setting MMS_MLFLOW_URI / MMS_DASK_ADDRESS /
+PREFECT_API_URL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed settings read from MMS_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MMS_", frozen=True)
+
+    home: Path = Field(default=Path(".mms"), description="Root of all local run state.")
+    mlflow_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default sqlite:///<home>/mlflow.db."
+    )
+    storage_uri: str | None = Field(
+        default=None, description="fsspec root for datasets, shards, checkpoints; default <home>/data."
+    )
+    dask_address: str | None = Field(
+        default=None, description="Address of a running Dask scheduler; default: a LocalCluster."
+    )
+    n_workers: int = Field(default=2, ge=1, description="Workers in the embedded LocalCluster.")
+    threads_per_worker: int = Field(default=1, ge=1, description="Threads per embedded worker.")
+    worker_memory: str = Field(default="4GiB", description="Memory limit per embedded worker.")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        # Workers run in other processes (maybe other directories): always hand them absolute paths.
+        return v.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.home / "artifacts").as_uri()
+
+    @property
+    def storage_root(self) -> str:
+        return (self.storage_uri or str(self.home / "data")).rstrip("/")
+
+
+def prefect_env(settings: Settings) -> dict[str, str]:
+    """Environment Prefect needs before it is imported: state under MMS_HOME, no analytics.
+
+    Creates the directories (Prefect's SQLite cannot create its parent folder).
+    """
+    (settings.home / "prefect" / "storage").mkdir(parents=True, exist_ok=True)
+    env = {
+        "PREFECT_HOME": str(settings.home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOCAL_STORAGE_PATH": str(settings.home / "prefect" / "storage"),
+    }
+    return {k: v for k, v in env.items() if k not in os.environ}

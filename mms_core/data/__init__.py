@@ -1,0 +1,1 @@
+"""Data: ingest (built-in datasets, fsspec URIs), preprocess and shard with a manifest."""

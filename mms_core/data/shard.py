@@ -1,0 +1,174 @@
+"""Preprocess and shard: seeded split, standardisation fitted on train only, Parquet shards
+and a manifest (row counts, schema, sha256 per shard, split seed, scaler stats).
+
+Shards are content-addressed: the directory is named by a hash of (input sha, config), so the
+same input and config give the same manifest and a re-run reuses what is there.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mms_core import storage
+from mms_core.errors import CorruptShardError, DataError
+
+MANIFEST_VERSION = 1
+
+
+class ShardSpec(BaseModel):
+    """How to split, scale and shard."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_shards: int = Field(default=4, ge=1, description="Number of training shards.")
+    val_fraction: float = Field(default=0.15, gt=0, lt=1, description="Share of rows for validation.")
+    test_fraction: float = Field(default=0.15, gt=0, lt=1, description="Share of rows for the test split.")
+    seed: int = Field(default=0, description="Seed of the split shuffle.")
+    standardize: bool = Field(default=True, description="Scale features with train mean/std.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> ShardSpec:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% of rows for training")
+        return self
+
+
+class ShardInfo(BaseModel):
+    uri: str
+    rows: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """Everything a reader needs to trust and use the shards."""
+
+    version: int = MANIFEST_VERSION
+    key: str
+    source_sha256: str
+    label: str
+    features: list[str]
+    classes: list[int | str]
+    spec: ShardSpec
+    mean: list[float]
+    std: list[float]
+    train: list[ShardInfo]
+    val: ShardInfo
+    test: ShardInfo
+
+    @property
+    def hash(self) -> str:
+        """Hash of the manifest content: identical input + config -> identical hash."""
+        return storage.canonical_hash(self.model_dump(mode="json"))
+
+
+def shard_key(*, source_sha256: str, label: str, spec: ShardSpec) -> str:
+    return storage.canonical_hash(
+        {"v": MANIFEST_VERSION, "source": source_sha256, "label": label, "spec": spec.model_dump(mode="json")}
+    )
+
+
+def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: ShardSpec, root: str) -> str:
+    """Split, scale and shard the snapshot at ``raw_uri``; returns the manifest URI.
+
+    Idempotent: if a verified manifest for the same key exists, it is returned untouched.
+    """
+    key = shard_key(source_sha256=source_sha256, label=label, spec=spec)
+    out = storage.join(root, "shards", key[:16])
+    manifest_uri = storage.join(out, "manifest.json")
+    if storage.exists(manifest_uri):
+        # Reuse. Shards are checksummed where they are read (every rank, evaluation), so a shard
+        # corrupted after this point fails the run loudly instead of being silently rebuilt.
+        return manifest_uri
+
+    df = pd.read_parquet(io.BytesIO(storage.read_bytes(raw_uri)))
+    features = [c for c in df.columns if c != label]
+    classes = sorted(df[label].unique().tolist())
+    if len(classes) < 2:
+        raise DataError(f"{raw_uri}: label {label!r} has a single class {classes}; need at least two")
+    x = df[features].to_numpy(dtype=np.float32)
+    y = df[label].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(df))
+    n_test = max(1, round(len(df) * spec.test_fraction))
+    n_val = max(1, round(len(df) * spec.val_fraction))
+    test_idx, val_idx, train_idx = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    if len(train_idx) < spec.n_shards:
+        raise DataError(f"{raw_uri}: {len(train_idx)} training rows cannot fill {spec.n_shards} shards")
+
+    mean = x[train_idx].mean(axis=0) if spec.standardize else np.zeros(x.shape[1], np.float32)
+    std = x[train_idx].std(axis=0) if spec.standardize else np.ones(x.shape[1], np.float32)
+    std = np.where(std < 1e-6, 1.0, std).astype(np.float32)  # constant columns: leave unscaled
+    xs = (x - mean) / std
+
+    def write(name: str, idx: np.ndarray) -> ShardInfo:
+        part = pd.DataFrame(xs[idx], columns=features)
+        part["label"] = y[idx]
+        buf = io.BytesIO()
+        part.to_parquet(buf, index=False)
+        uri = storage.join(out, f"{name}.parquet")
+        sha = storage.write_bytes_atomic(uri, buf.getvalue())
+        return ShardInfo(uri=uri, rows=len(idx), sha256=sha)
+
+    manifest = Manifest(
+        key=key,
+        source_sha256=source_sha256,
+        label=label,
+        features=features,
+        classes=classes,
+        spec=spec,
+        mean=mean.astype(float).tolist(),
+        std=std.astype(float).tolist(),
+        train=[write(f"train-{i:05d}", part) for i, part in enumerate(np.array_split(train_idx, spec.n_shards))],
+        val=write("val", val_idx),
+        test=write("test", test_idx),
+    )
+    # The manifest is written last: its presence means every shard it names is complete.
+    storage.write_json_atomic(manifest_uri, manifest.model_dump(mode="json"))
+    return manifest_uri
+
+
+def load_manifest(uri: str) -> Manifest:
+    try:
+        return Manifest.model_validate(storage.read_json(uri))
+    except FileNotFoundError:
+        raise DataError(f"manifest {uri} not found; run the preprocess step first") from None
+
+
+def verify(manifest: Manifest) -> None:
+    """Check every shard's checksum; raises CorruptShardError naming the first bad shard."""
+    for info in [*manifest.train, manifest.val, manifest.test]:
+        read_shard(info)
+
+
+def read_shard(info: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Read one shard after checking its sha256; returns (features float32, labels int64)."""
+    try:
+        data = storage.read_bytes(info.uri)
+    except FileNotFoundError:
+        raise CorruptShardError(
+            f"shard {info.uri} is missing; delete its shard directory and re-run to rebuild it"
+        ) from None
+    actual = storage.sha256_bytes(data)
+    if actual != info.sha256:
+        raise CorruptShardError(
+            f"shard {info.uri} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
+            f"{info.sha256[:12]}...; delete its shard directory and re-run to rebuild it"
+        )
+    df = pd.read_parquet(io.BytesIO(data))
+    y = df.pop("label").to_numpy(dtype=np.int64)
+    return df.to_numpy(dtype=np.float32), y
+
+
+def shards_for_rank(manifest: Manifest, *, rank: int, world_size: int) -> list[ShardInfo]:
+    """Round-robin assignment of training shards to ranks (each rank reads only its own)."""
+    if len(manifest.train) < world_size:
+        raise DataError(
+            f"{len(manifest.train)} training shards cannot feed {world_size} workers; "
+            f"set preprocess.n_shards >= {world_size}"
+        )
+    return manifest.train[rank::world_size]

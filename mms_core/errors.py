@@ -1,0 +1,25 @@
+"""Errors a user can act on. Each message names the problem and the fix."""
+
+
+class MMSError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+
+class DataError(MMSError):
+    """The input data is unusable (missing column, non-numeric feature, empty file, NaN)."""
+
+
+class CorruptShardError(DataError):
+    """A shard's bytes do not match the checksum recorded in its manifest."""
+
+
+class ModelLoadError(MMSError):
+    """A model could not be built or loaded (bad import path, wrong return type)."""
+
+
+class SpecError(MMSError):
+    """A pipeline spec or override is invalid."""
+
+
+class TrainingError(MMSError):
+    """Distributed training could not run (no workers, a rank failed, a timeout)."""

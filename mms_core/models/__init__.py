@@ -1,0 +1,4 @@
+"""Model zoo (mlp, cnn) and user models by import path "pkg.module:build_fn"."""
+from mms_core.models.zoo import ModelSpec, build_model
+
+__all__ = ["ModelSpec", "build_model"]

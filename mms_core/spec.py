@@ -1,0 +1,85 @@
+"""PipelineSpec: one typed description of a training run (YAML + --set overrides).
+
+Each section's model lives beside the code that owns it; this module only composes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mms_core import storage
+from mms_core.compress import CompressSpec
+from mms_core.data.ingest import DataSpec
+from mms_core.data.shard import ShardSpec
+from mms_core.errors import SpecError
+from mms_core.evaluate import EvalSpec
+from mms_core.models import ModelSpec
+from mms_core.training.spec import TrainSpec
+
+
+class RegisterSpec(BaseModel):
+    """Where the model goes in the MLflow registry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str = Field(default="digits-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                            description="Registered model name.")
+    experiment: str = Field(default="mms", description="MLflow experiment of the runs.")
+
+
+class PipelineSpec(BaseModel):
+    """A whole training-pipeline run: data -> shards -> training -> evaluation -> compression -> registry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="digits", description="Run name (shown in Prefect and MLflow).")
+    data: DataSpec = Field(default_factory=DataSpec)
+    preprocess: ShardSpec = Field(default_factory=ShardSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainSpec = Field(default_factory=TrainSpec)
+    evaluate: EvalSpec = Field(default_factory=EvalSpec)
+    compress: CompressSpec = Field(default_factory=CompressSpec)
+    registry: RegisterSpec = Field(default_factory=RegisterSpec)
+
+    @property
+    def hash(self) -> str:
+        return storage.canonical_hash(self.model_dump(mode="json"))
+
+
+def load_spec(path: str | Path | None = None, *, overrides: list[str] = ()) -> PipelineSpec:
+    """Read a YAML spec (or the defaults), apply ``key.sub=value`` overrides, validate.
+
+    Raises:
+        SpecError: unreadable file, malformed override, or a value that fails validation.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(f"cannot read spec {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise SpecError(f"spec {path} must be a YAML mapping, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"override {item!r} must look like section.key=value (e.g. training.epochs=5)")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"invalid spec{f' {path}' if path else ''}: {problems}") from None
+
+
+def _set_dotted(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = target.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+        target = node
+    target[keys[-1]] = value

@@ -1,0 +1,142 @@
+"""Step-level functions: one per pipeline task, so tasks stay thin wrappers.
+
+Each takes URIs and small specs, returns a small pydantic result; bytes stay in storage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load as st_load
+
+from mms_core import registry, storage
+from mms_core.compress import CompressSpec, latency_ms, load_quantized, prune_linear, quantized_bytes
+from mms_core.data.ingest import DataSpec, IngestResult, load_source, snapshot
+from mms_core.data.shard import load_manifest, read_shard
+from mms_core.evaluate import EvalResult, evaluate, gate
+from mms_core.models import ModelSpec, build_model
+from mms_core.packaging import PackageConfig
+from mms_core.spec import PipelineSpec
+from mms_core.training.checkpoint import state_bytes
+
+
+class CompressResult(BaseModel):
+    weights_uri: str
+    full_bytes: int
+    compressed_bytes: int
+    size_ratio: float
+    full_latency_ms: float
+    compressed_latency_ms: float
+    full_accuracy: float
+    compressed_accuracy: float
+    accuracy_drop: float
+    within_budget: bool
+
+
+def ingest(*, spec: DataSpec, root: str) -> IngestResult:
+    """Load and check the source, write its content-addressed Parquet snapshot."""
+    return snapshot(df=load_source(spec=spec), label=spec.label, root=root)
+
+
+def check_model(*, spec: ModelSpec, in_features: int = 64, n_classes: int = 10) -> int:
+    """Build the model once on the caller's side so a bad model path fails before any work.
+
+    Returns the parameter count.
+    """
+    model = build_model(spec=spec, in_features=in_features, n_classes=n_classes)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str) -> torch.nn.Module:
+    manifest = load_manifest(manifest_uri)
+    net = build_model(spec=model, in_features=len(manifest.features), n_classes=len(manifest.classes))
+    net.load_state_dict(st_load(storage.read_bytes(weights_uri)))
+    return net.eval()
+
+
+def evaluate_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str) -> EvalResult:
+    """Test-split metrics of trained weights (the test shard's checksum is verified)."""
+    manifest = load_manifest(manifest_uri)
+    x, y = read_shard(manifest.test)
+    net = load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri)
+    return evaluate(model=net, x=x, y=y, n_classes=len(manifest.classes))
+
+
+def compress_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str, spec: CompressSpec) -> CompressResult:
+    """Prune + int8-quantize, then measure size, latency and accuracy beside the full model."""
+    manifest = load_manifest(manifest_uri)
+    x, y = read_shard(manifest.test)
+    n_classes = len(manifest.classes)
+    full = load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri)
+    full_bytes = len(state_bytes(full))
+    pruned = prune_linear(model=load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri),
+                          amount=spec.prune_amount)
+    data = quantized_bytes(model=pruned) if spec.quantize else state_bytes(pruned)
+    small = build_model(spec=model, in_features=len(manifest.features), n_classes=n_classes)
+    small = load_quantized(model=small, data=data) if spec.quantize else pruned
+    out_uri = weights_uri.rsplit("/", 1)[0] + "/model-int8.safetensors"
+    storage.write_bytes_atomic(out_uri, data)
+    batch = x[: min(len(x), 256)].astype(np.float32)
+    full_acc = evaluate(model=full, x=x, y=y, n_classes=n_classes).accuracy
+    small_acc = evaluate(model=small, x=x, y=y, n_classes=n_classes).accuracy
+    return CompressResult(
+        weights_uri=out_uri,
+        full_bytes=full_bytes,
+        compressed_bytes=len(data),
+        size_ratio=full_bytes / len(data),
+        full_latency_ms=latency_ms(model=full, x=batch),
+        compressed_latency_ms=latency_ms(model=small, x=batch),
+        full_accuracy=full_acc,
+        compressed_accuracy=small_acc,
+        accuracy_drop=full_acc - small_acc,
+        within_budget=full_acc - small_acc <= spec.max_accuracy_drop,
+    )
+
+
+class RegisterResult(BaseModel):
+    version: str
+    alias: str
+    reason: str
+    compressed_version: str | None
+
+
+def register_trained(
+    *,
+    tracking_uri: str,
+    run_id: str,
+    spec: PipelineSpec,
+    manifest_uri: str,
+    weights_uri: str,
+    evaluation: EvalResult,
+    compressed: CompressResult | None,
+    lineage: dict[str, str],
+) -> RegisterResult:
+    """Register the full model (and its int8 sibling), then move the alias the gate decides.
+
+    Idempotent per run: calling it again returns the same versions and registers nothing new.
+    """
+    manifest = load_manifest(manifest_uri)
+    name = spec.registry.model_name
+    decision = gate(accuracy=evaluation.accuracy, spec=spec.evaluate,
+                    champion_accuracy=registry.champion_accuracy(tracking_uri=tracking_uri, name=name))
+    example = pd.DataFrame(np.asarray(read_shard(manifest.test)[0][:5]) * manifest.std + manifest.mean,
+                           columns=manifest.features).astype(np.float32)
+    common = dict(tracking_uri=tracking_uri, run_id=run_id, name=name, example=example)
+    tags = {**lineage, registry.TAG_ACCURACY: f"{evaluation.accuracy:.6f}", "mms.gate": decision.reason}
+    version = registry.register_package(
+        **common, weights=storage.read_bytes(weights_uri), tags={**tags, registry.TAG_VARIANT: "fp32"},
+        config=PackageConfig.from_manifest(manifest, model=spec.model, format="fp32"),
+    )
+    compressed_version = None
+    if compressed is not None:
+        compressed_version = registry.register_package(
+            **common, weights=storage.read_bytes(compressed.weights_uri),
+            config=PackageConfig.from_manifest(manifest, model=spec.model, format="int8"),
+            tags={**lineage, registry.TAG_ACCURACY: f"{compressed.compressed_accuracy:.6f}",
+                  registry.TAG_VARIANT: "int8", "mms.parent_version": version},
+        )
+    if registry.alias_version(tracking_uri=tracking_uri, name=name, alias=decision.alias) != version:
+        registry.set_alias(tracking_uri=tracking_uri, name=name, alias=decision.alias, version=version)
+    return RegisterResult(version=version, alias=decision.alias, reason=decision.reason, compressed_version=compressed_version)

@@ -1,0 +1,1 @@
+"""Distributed training strategies on Dask. Each strategy is one module; all share TrainJob."""
