@@ -1,4 +1,4 @@
-"""training-pipeline: ingest -> preprocess/shard -> DDP training on Dask -> evaluate -> compress -> register."""
+"""training-pipeline: ingest -> shard -> DDP training on Dask -> evaluate -> compress -> register."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from mms_core.config import Settings
 from mms_core.evaluate import EvalResult
 from mms_core.spec import PipelineSpec
 from tasks import pipeline as t
+from tasks.common import flow_run_id
 
 
 class PipelineResult(BaseModel):
     """What a run produced (the CLI prints it as the summary table)."""
 
     run_id: str
+    flow_run_id: str
     experiment: str
     model_name: str
     registration: steps.RegisterResult
@@ -36,11 +38,26 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
     steps.check_model(spec=spec.model)  # a bad model path fails here, before any work
     ingested = t.ingest(data=spec.data, root=root)
     manifest_uri = t.shard(ingested=ingested, spec=spec.preprocess, root=root)
-    run_id = t.start_tracking(spec=spec, manifest_uri=manifest_uri, tracking_uri=tracking, artifact_root=settings.artifact_root)
+    run_id = t.start_tracking(
+        spec=spec, manifest_uri=manifest_uri, tracking_uri=tracking, artifact_root=settings.artifact_root
+    )
     try:
         with dask_client(settings) as client:
-            trained = t.train(client=client, spec=spec, manifest_uri=manifest_uri, run_id=run_id, tracking_uri=tracking, root=root)
-        common = dict(spec=spec, manifest_uri=manifest_uri, weights_uri=trained.weights_uri, run_id=run_id, tracking_uri=tracking)
+            trained = t.train(
+                client=client,
+                spec=spec,
+                manifest_uri=manifest_uri,
+                run_id=run_id,
+                tracking_uri=tracking,
+                root=root,
+            )
+        common = dict(
+            spec=spec,
+            manifest_uri=manifest_uri,
+            weights_uri=trained.weights_uri,
+            run_id=run_id,
+            tracking_uri=tracking,
+        )
         evaluation = t.evaluate(**common)
         compressed = t.compress(**common) if spec.compress.quantize or spec.compress.prune_amount else None
         registration = t.register(**common, evaluation=evaluation, compressed=compressed)
@@ -48,11 +65,26 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
         registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
         raise
     registry.end_run(tracking_uri=tracking, run_id=run_id)
-    get_run_logger().info("run %s done: %s v%s -> %s", run_id, spec.registry.model_name, registration.version, registration.alias)
+    get_run_logger().info(
+        "run %s done: %s v%s -> %s",
+        run_id,
+        spec.registry.model_name,
+        registration.version,
+        registration.alias,
+    )
     return PipelineResult(
-        run_id=run_id, experiment=spec.registry.experiment, model_name=spec.registry.model_name,
-        registration=registration, evaluation=evaluation, compression=compressed, manifest_uri=manifest_uri,
-        tracking_uri=tracking, train_seconds=trained.train_seconds,
-        samples_per_s=trained.steps * spec.training.batch_size * (spec.training.world_size or settings.n_workers)
+        run_id=run_id,
+        flow_run_id=flow_run_id(),
+        experiment=spec.registry.experiment,
+        model_name=spec.registry.model_name,
+        registration=registration,
+        evaluation=evaluation,
+        compression=compressed,
+        manifest_uri=manifest_uri,
+        tracking_uri=tracking,
+        train_seconds=trained.train_seconds,
+        samples_per_s=trained.steps
+        * spec.training.batch_size
+        * (spec.training.world_size or settings.n_workers)
         / max(trained.train_seconds, 1e-9),
     )

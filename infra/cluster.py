@@ -29,7 +29,9 @@ def _local_cluster(settings: Settings) -> LocalCluster:
         if torch.cuda.is_available():
             from dask_cuda import LocalCUDACluster  # optional [gpu] extra
 
-            return LocalCUDACluster(ip="127.0.0.1", dashboard_address=None, threads_per_worker=settings.threads_per_worker)
+            return LocalCUDACluster(
+                ip="127.0.0.1", dashboard_address=None, threads_per_worker=settings.threads_per_worker
+            )
     except ImportError:
         pass
     return LocalCluster(

@@ -28,8 +28,12 @@ class CompressSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     quantize: bool = Field(default=True, description="int8 weights for Linear layers.")
-    prune_amount: float = Field(default=0.0, ge=0, lt=1, description="Share of smallest Linear weights zeroed.")
-    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1, description="Allowed accuracy loss vs full model.")
+    prune_amount: float = Field(
+        default=0.0, ge=0, lt=1, description="Share of smallest Linear weights zeroed."
+    )
+    max_accuracy_drop: float = Field(
+        default=0.01, ge=0, le=1, description="Allowed accuracy loss vs full model."
+    )
 
 
 def prune_linear(*, model: nn.Module, amount: float) -> nn.Module:

@@ -37,11 +37,16 @@ class GateDecision(BaseModel):
 def predict_classes(*, model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Argmax predictions, batch by batch, in eval mode."""
     model.eval()
-    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).argmax(1) for i in range(0, len(x), batch_size)]
+    out = [
+        model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).argmax(1)
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 
-def evaluate(*, model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int = 1024) -> EvalResult:
+def evaluate(
+    *, model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int = 1024
+) -> EvalResult:
     """Accuracy, macro-F1 and confusion matrix of ``model`` on (x, y)."""
     pred = predict_classes(model=model, x=x, batch_size=batch_size)
     return EvalResult(
@@ -55,13 +60,19 @@ def evaluate(*, model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, 
 def gate(*, accuracy: float, champion_accuracy: float | None, spec: EvalSpec) -> GateDecision:
     """Champion only if the candidate meets the minimum and beats the current champion (if any)."""
     if accuracy < spec.min_accuracy:
-        return GateDecision(passed=False, alias="candidate", reason=f"accuracy {accuracy:.4f} < minimum {spec.min_accuracy}")
+        return GateDecision(
+            passed=False, alias="candidate", reason=f"accuracy {accuracy:.4f} < minimum {spec.min_accuracy}"
+        )
     if champion_accuracy is not None and accuracy <= champion_accuracy:
         return GateDecision(
-            passed=False, alias="candidate", reason=f"accuracy {accuracy:.4f} does not beat champion {champion_accuracy:.4f}"
+            passed=False,
+            alias="candidate",
+            reason=f"accuracy {accuracy:.4f} does not beat champion {champion_accuracy:.4f}",
         )
     vs = "no champion yet" if champion_accuracy is None else f"beats champion {champion_accuracy:.4f}"
-    return GateDecision(passed=True, alias="champion", reason=f"accuracy {accuracy:.4f} >= {spec.min_accuracy} and {vs}")
+    return GateDecision(
+        passed=True, alias="champion", reason=f"accuracy {accuracy:.4f} >= {spec.min_accuracy} and {vs}"
+    )
 
 
 def confusion_png(*, confusion: list[list[int]], labels: list[str], title: str) -> bytes:
@@ -74,11 +85,25 @@ def confusion_png(*, confusion: list[list[int]], labels: list[str], title: str) 
     cm = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.5 * len(labels)))
     ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="true", title=title)
+    ax.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     for i, j in np.ndindex(cm.shape):
-        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(cm[i, j]),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if cm[i, j] > cm.max() / 2 else "black",
+        )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

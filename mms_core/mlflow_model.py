@@ -6,8 +6,9 @@ from the package's safetensors weights and config.
 
 from pathlib import Path
 
-import mlflow
 from mlflow.pyfunc import PythonModel
+
+import mlflow
 
 
 class MMSClassifier(PythonModel):

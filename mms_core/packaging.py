@@ -31,9 +31,17 @@ class PackageConfig(BaseModel):
     std: list[float]
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, *, model: ModelSpec, format: Literal["fp32", "int8"]) -> PackageConfig:
-        return cls(format=format, model=model, features=manifest.features, classes=manifest.classes,
-                   mean=manifest.mean, std=manifest.std)
+    def from_manifest(
+        cls, manifest: Manifest, *, model: ModelSpec, format: Literal["fp32", "int8"]
+    ) -> PackageConfig:
+        return cls(
+            format=format,
+            model=model,
+            features=manifest.features,
+            classes=manifest.classes,
+            mean=manifest.mean,
+            std=manifest.std,
+        )
 
 
 def write_package(*, directory: Path, config: PackageConfig, weights: bytes) -> Path:

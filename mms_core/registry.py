@@ -9,12 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+import mlflow
+from mlflow import MlflowClient
 from mms_core.packaging import PackageConfig, Predictor, write_package
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -40,7 +40,9 @@ def ensure_experiment(*, tracking_uri: str, name: str, artifact_root: str | None
         return c.get_experiment_by_name(name).experiment_id
 
 
-def start_run(*, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+def start_run(
+    *, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]
+) -> str:
     c = client(tracking_uri=tracking_uri)
     run = c.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in params.items():
@@ -48,7 +50,9 @@ def start_run(*, tracking_uri: str, experiment_id: str, run_name: str, tags: dic
     return run.info.run_id
 
 
-def log_metrics(*, tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(
+    *, tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None
+) -> None:
     c = client(tracking_uri=tracking_uri)
     for key, value in metrics.items():
         c.log_metric(run_id, key, float(value), step=step or 0)

@@ -26,8 +26,11 @@ class RegisterSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_name: str = Field(default="digits-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                            description="Registered model name.")
+    model_name: str = Field(
+        default="digits-classifier",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Registered model name.",
+    )
     experiment: str = Field(default="mms", description="MLflow experiment of the runs.")
 
 

@@ -64,15 +64,19 @@ def evaluate_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str) -
     return evaluate(model=net, x=x, y=y, n_classes=len(manifest.classes))
 
 
-def compress_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str, spec: CompressSpec) -> CompressResult:
+def compress_trained(
+    *, manifest_uri: str, model: ModelSpec, weights_uri: str, spec: CompressSpec
+) -> CompressResult:
     """Prune + int8-quantize, then measure size, latency and accuracy beside the full model."""
     manifest = load_manifest(manifest_uri)
     x, y = read_shard(manifest.test)
     n_classes = len(manifest.classes)
     full = load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri)
     full_bytes = len(state_bytes(full))
-    pruned = prune_linear(model=load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri),
-                          amount=spec.prune_amount)
+    pruned = prune_linear(
+        model=load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri),
+        amount=spec.prune_amount,
+    )
     data = quantized_bytes(model=pruned) if spec.quantize else state_bytes(pruned)
     small = build_model(spec=model, in_features=len(manifest.features), n_classes=n_classes)
     small = load_quantized(model=small, data=data) if spec.quantize else pruned
@@ -119,24 +123,37 @@ def register_trained(
     """
     manifest = load_manifest(manifest_uri)
     name = spec.registry.model_name
-    decision = gate(accuracy=evaluation.accuracy, spec=spec.evaluate,
-                    champion_accuracy=registry.champion_accuracy(tracking_uri=tracking_uri, name=name))
-    example = pd.DataFrame(np.asarray(read_shard(manifest.test)[0][:5]) * manifest.std + manifest.mean,
-                           columns=manifest.features).astype(np.float32)
+    decision = gate(
+        accuracy=evaluation.accuracy,
+        spec=spec.evaluate,
+        champion_accuracy=registry.champion_accuracy(tracking_uri=tracking_uri, name=name),
+    )
+    example = pd.DataFrame(
+        np.asarray(read_shard(manifest.test)[0][:5]) * manifest.std + manifest.mean, columns=manifest.features
+    ).astype(np.float32)
     common = dict(tracking_uri=tracking_uri, run_id=run_id, name=name, example=example)
     tags = {**lineage, registry.TAG_ACCURACY: f"{evaluation.accuracy:.6f}", "mms.gate": decision.reason}
     version = registry.register_package(
-        **common, weights=storage.read_bytes(weights_uri), tags={**tags, registry.TAG_VARIANT: "fp32"},
+        **common,
+        weights=storage.read_bytes(weights_uri),
+        tags={**tags, registry.TAG_VARIANT: "fp32"},
         config=PackageConfig.from_manifest(manifest, model=spec.model, format="fp32"),
     )
     compressed_version = None
     if compressed is not None:
         compressed_version = registry.register_package(
-            **common, weights=storage.read_bytes(compressed.weights_uri),
+            **common,
+            weights=storage.read_bytes(compressed.weights_uri),
             config=PackageConfig.from_manifest(manifest, model=spec.model, format="int8"),
-            tags={**lineage, registry.TAG_ACCURACY: f"{compressed.compressed_accuracy:.6f}",
-                  registry.TAG_VARIANT: "int8", "mms.parent_version": version},
+            tags={
+                **lineage,
+                registry.TAG_ACCURACY: f"{compressed.compressed_accuracy:.6f}",
+                registry.TAG_VARIANT: "int8",
+                "mms.parent_version": version,
+            },
         )
     if registry.alias_version(tracking_uri=tracking_uri, name=name, alias=decision.alias) != version:
         registry.set_alias(tracking_uri=tracking_uri, name=name, alias=decision.alias, version=version)
-    return RegisterResult(version=version, alias=decision.alias, reason=decision.reason, compressed_version=compressed_version)
+    return RegisterResult(
+        version=version, alias=decision.alias, reason=decision.reason, compressed_version=compressed_version
+    )

@@ -12,7 +12,6 @@ from mms_core import registry, steps, storage
 from mms_core.data.ingest import DataSpec, IngestResult
 from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, shard_key
 from mms_core.evaluate import EvalResult, confusion_png
-from mms_core.packaging import PackageConfig
 from mms_core.spec import PipelineSpec
 from mms_core.training.ddp import run_ddp
 from mms_core.training.spec import RankResult, TrainJob
@@ -22,49 +21,92 @@ from tasks.common import flow_run_id, git_commit, transient
 @task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NONE)
 def ingest(*, data: DataSpec, root: str) -> IngestResult:
     result = steps.ingest(spec=data, root=root)
-    get_run_logger().info("ingested %s: %d rows, %d features -> %s", data.source, result.rows, len(result.features), result.uri)
+    get_run_logger().info(
+        "ingested %s: %d rows, %d features -> %s", data.source, result.rows, len(result.features), result.uri
+    )
     return result
 
 
 def _shard_cache_key(context: Any, params: dict[str, Any]) -> str | None:
-    key = shard_key(source_sha256=params["ingested"].sha256, label=params["ingested"].label, spec=params["spec"])
+    key = shard_key(
+        source_sha256=params["ingested"].sha256, label=params["ingested"].label, spec=params["spec"]
+    )
     # Cache only while the content-addressed manifest is really there (someone may delete shards).
     manifest = storage.join(params["root"], "shards", key[:16], "manifest.json")
     return f"shards-{key}-{storage.canonical_hash(params['root'])[:8]}" if storage.exists(manifest) else None
 
 
-@task(name="preprocess-and-shard", cache_key_fn=_shard_cache_key, persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
+@task(
+    name="preprocess-and-shard",
+    cache_key_fn=_shard_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=transient,
+)
 def shard(*, ingested: IngestResult, spec: ShardSpec, root: str) -> str:
-    uri = preprocess_and_shard(raw_uri=ingested.uri, source_sha256=ingested.sha256, label=ingested.label, spec=spec, root=root)
+    uri = preprocess_and_shard(
+        raw_uri=ingested.uri, source_sha256=ingested.sha256, label=ingested.label, spec=spec, root=root
+    )
     get_run_logger().info("shards ready: %s", uri)
     return uri
 
 
 @task(name="start-tracking", cache_policy=NONE)
 def start_tracking(*, spec: PipelineSpec, manifest_uri: str, tracking_uri: str, artifact_root: str) -> str:
-    experiment = registry.ensure_experiment(tracking_uri=tracking_uri, name=spec.registry.experiment, artifact_root=artifact_root)
-    tags = {"mms.manifest_hash": load_manifest(manifest_uri).hash, "mms.spec_hash": spec.hash,
-            "mms.git_commit": git_commit(), "mms.prefect_flow_run_id": flow_run_id()}
-    params = {"spec": spec.model_dump_json(), "model": spec.model.name, "strategy": spec.training.strategy,
-              "epochs": spec.training.epochs, "batch_size": spec.training.batch_size, "lr": spec.training.lr}
-    return registry.start_run(tracking_uri=tracking_uri, experiment_id=experiment, run_name=spec.name, tags=tags, params=params)
+    experiment = registry.ensure_experiment(
+        tracking_uri=tracking_uri, name=spec.registry.experiment, artifact_root=artifact_root
+    )
+    tags = {
+        "mms.manifest_hash": load_manifest(manifest_uri).hash,
+        "mms.spec_hash": spec.hash,
+        "mms.git_commit": git_commit(),
+        "mms.prefect_flow_run_id": flow_run_id(),
+    }
+    params = {
+        "spec": spec.model_dump_json(),
+        "model": spec.model.name,
+        "strategy": spec.training.strategy,
+        "epochs": spec.training.epochs,
+        "batch_size": spec.training.batch_size,
+        "lr": spec.training.lr,
+    }
+    return registry.start_run(
+        tracking_uri=tracking_uri, experiment_id=experiment, run_name=spec.name, tags=tags, params=params
+    )
 
 
 @task(name="train", cache_policy=NONE)
-def train(*, client: Client, spec: PipelineSpec, manifest_uri: str, run_id: str, tracking_uri: str, root: str) -> RankResult:
+def train(
+    *, client: Client, spec: PipelineSpec, manifest_uri: str, run_id: str, tracking_uri: str, root: str
+) -> RankResult:
     logger = get_run_logger()
-    job = TrainJob(manifest_uri=manifest_uri, model=spec.model, train=spec.training,
-                   output_uri=storage.join(root, "models", run_id, "model.safetensors"),
-                   checkpoint_uri=storage.join(root, "checkpoints", run_id))
+    job = TrainJob(
+        manifest_uri=manifest_uri,
+        model=spec.model,
+        train=spec.training,
+        output_uri=storage.join(root, "models", run_id, "model.safetensors"),
+        checkpoint_uri=storage.join(root, "checkpoints", run_id),
+    )
     logged: set[int] = set()
 
     def on_epoch(ev: dict[str, Any]) -> None:
-        metrics = {k: ev[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "samples_per_s", "lr")}
+        metrics = {
+            k: ev[k]
+            for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "samples_per_s", "lr")
+        }
         registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics=metrics, step=ev["epoch"])
         logged.add(ev["epoch"])
-        logger.info("epoch %d/%d loss %.4f val_acc %.4f %.0f samples/s", ev["epoch"], ev["epochs"], ev["train_loss"],
-                    ev["val_accuracy"], ev["samples_per_s"], extra={"mms_progress": (ev["epoch"], ev["epochs"])})
+        logger.info(
+            "epoch %d/%d loss %.4f val_acc %.4f %.0f samples/s",
+            ev["epoch"],
+            ev["epochs"],
+            ev["train_loss"],
+            ev["val_accuracy"],
+            ev["samples_per_s"],
+            extra={"mms_progress": (ev["epoch"], ev["epochs"])},
+        )
 
     rank0 = run_ddp(client=client, job=job, on_event=on_epoch)[0]
     for m in rank0.history:  # events are best-effort; the returned history is authoritative
@@ -74,31 +116,75 @@ def train(*, client: Client, spec: PipelineSpec, manifest_uri: str, run_id: str,
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate(*, spec: PipelineSpec, manifest_uri: str, weights_uri: str, run_id: str, tracking_uri: str) -> EvalResult:
+def evaluate(
+    *, spec: PipelineSpec, manifest_uri: str, weights_uri: str, run_id: str, tracking_uri: str
+) -> EvalResult:
     result = steps.evaluate_trained(manifest_uri=manifest_uri, model=spec.model, weights_uri=weights_uri)
-    registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics={"test_accuracy": result.accuracy, "test_macro_f1": result.macro_f1})
+    registry.log_metrics(
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        metrics={"test_accuracy": result.accuracy, "test_macro_f1": result.macro_f1},
+    )
     labels = [str(c) for c in load_manifest(manifest_uri).classes]
-    png = confusion_png(confusion=result.confusion, labels=labels, title=f"{spec.name}: test confusion matrix")
-    registry.log_artifact_bytes(tracking_uri=tracking_uri, run_id=run_id, name="confusion_matrix.png", data=png)
+    png = confusion_png(
+        confusion=result.confusion, labels=labels, title=f"{spec.name}: test confusion matrix"
+    )
+    registry.log_artifact_bytes(
+        tracking_uri=tracking_uri, run_id=run_id, name="confusion_matrix.png", data=png
+    )
     get_run_logger().info("test accuracy %.4f, macro-F1 %.4f", result.accuracy, result.macro_f1)
     return result
 
 
 @task(name="compress", cache_policy=NONE)
-def compress(*, spec: PipelineSpec, manifest_uri: str, weights_uri: str, run_id: str, tracking_uri: str) -> steps.CompressResult:
-    result = steps.compress_trained(manifest_uri=manifest_uri, model=spec.model, weights_uri=weights_uri, spec=spec.compress)
+def compress(
+    *, spec: PipelineSpec, manifest_uri: str, weights_uri: str, run_id: str, tracking_uri: str
+) -> steps.CompressResult:
+    result = steps.compress_trained(
+        manifest_uri=manifest_uri, model=spec.model, weights_uri=weights_uri, spec=spec.compress
+    )
     metrics = result.model_dump(exclude={"weights_uri", "within_budget"})
-    registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics={f"compress_{k}": v for k, v in metrics.items()})
-    get_run_logger().info("compressed %d -> %d bytes (%.1fx), accuracy %.4f -> %.4f", result.full_bytes,
-                          result.compressed_bytes, result.size_ratio, result.full_accuracy, result.compressed_accuracy)
+    registry.log_metrics(
+        tracking_uri=tracking_uri, run_id=run_id, metrics={f"compress_{k}": v for k, v in metrics.items()}
+    )
+    get_run_logger().info(
+        "compressed %d -> %d bytes (%.1fx), accuracy %.4f -> %.4f",
+        result.full_bytes,
+        result.compressed_bytes,
+        result.size_ratio,
+        result.full_accuracy,
+        result.compressed_accuracy,
+    )
     return result
 
 
 @task(name="register", cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
-def register(*, spec: PipelineSpec, manifest_uri: str, weights_uri: str, run_id: str, tracking_uri: str,
-             evaluation: EvalResult, compressed: steps.CompressResult | None) -> steps.RegisterResult:
+def register(
+    *,
+    spec: PipelineSpec,
+    manifest_uri: str,
+    weights_uri: str,
+    run_id: str,
+    tracking_uri: str,
+    evaluation: EvalResult,
+    compressed: steps.CompressResult | None,
+) -> steps.RegisterResult:
     lineage = registry.run_tags(tracking_uri=tracking_uri, run_id=run_id, prefix="mms.")
-    result = steps.register_trained(tracking_uri=tracking_uri, run_id=run_id, spec=spec, manifest_uri=manifest_uri,
-                                    weights_uri=weights_uri, evaluation=evaluation, compressed=compressed, lineage=lineage)
-    get_run_logger().info("registered %s version %s as %s (%s)", spec.registry.model_name, result.version, result.alias, result.reason)
+    result = steps.register_trained(
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        spec=spec,
+        manifest_uri=manifest_uri,
+        weights_uri=weights_uri,
+        evaluation=evaluation,
+        compressed=compressed,
+        lineage=lineage,
+    )
+    get_run_logger().info(
+        "registered %s version %s as %s (%s)",
+        spec.registry.model_name,
+        result.version,
+        result.alias,
+        result.reason,
+    )
     return result

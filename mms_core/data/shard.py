@@ -123,7 +123,9 @@ def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: 
         spec=spec,
         mean=mean.astype(float).tolist(),
         std=std.astype(float).tolist(),
-        train=[write(f"train-{i:05d}", part) for i, part in enumerate(np.array_split(train_idx, spec.n_shards))],
+        train=[
+            write(f"train-{i:05d}", part) for i, part in enumerate(np.array_split(train_idx, spec.n_shards))
+        ],
         val=write("val", val_idx),
         test=write("test", test_idx),
     )

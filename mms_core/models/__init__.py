@@ -1,4 +1,5 @@
 """Model zoo (mlp, cnn) and user models by import path "pkg.module:build_fn"."""
+
 from mms_core.models.zoo import ModelSpec, build_model
 
 __all__ = ["ModelSpec", "build_model"]

@@ -29,7 +29,9 @@ class ModelSpec(BaseModel):
     )
 
 
-def mlp(*, in_features: int, n_classes: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.1) -> nn.Module:
+def mlp(
+    *, in_features: int, n_classes: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.1
+) -> nn.Module:
     """A plain multi-layer perceptron."""
     layers: list[nn.Module] = []
     width = in_features
@@ -53,7 +55,9 @@ class _SquareCNN(nn.Module):
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(4),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * 2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.view(-1, 1, self.side, self.side)))
@@ -103,5 +107,7 @@ def build_model(*, spec: ModelSpec, in_features: int, n_classes: int) -> nn.Modu
     except TypeError as exc:
         raise ModelLoadError(f"model {spec.name!r} rejected its arguments {sorted(kwargs)}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"model builder {spec.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelLoadError(
+            f"model builder {spec.name!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model

@@ -26,23 +26,36 @@ def load_state(model: nn.Module, data: bytes) -> None:
     model.load_state_dict(st_load(data))
 
 
-def save_checkpoint(*, root: str, step: int, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+def save_checkpoint(
+    *, root: str, step: int, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> str:
     """Write one checkpoint; returns its directory URI."""
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     out = storage.join(root, f"step-{step:08d}")
     model_sha = storage.write_bytes_atomic(storage.join(out, "model.safetensors"), state_bytes(model))
     optim_sha = storage.write_bytes_atomic(storage.join(out, "optim.safetensors"), st_save(tensors))
-    meta = {"step": step, "epoch": epoch, "param_groups": groups, "model_sha256": model_sha, "optim_sha256": optim_sha}
+    meta = {
+        "step": step,
+        "epoch": epoch,
+        "param_groups": groups,
+        "model_sha256": model_sha,
+        "optim_sha256": optim_sha,
+    }
     storage.write_json_atomic(storage.join(out, "meta.json"), meta)
     return out
 
 
-def load_checkpoint(*, uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    *, uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
     """Restore model (and optimizer) from a checkpoint directory after checking both checksums."""
     meta = storage.read_json(storage.join(uri, "meta.json"))
     model_data = storage.read_bytes(storage.join(uri, "model.safetensors"))
     optim_data = storage.read_bytes(storage.join(uri, "optim.safetensors"))
-    for name, data, want in (("model", model_data, meta["model_sha256"]), ("optim", optim_data, meta["optim_sha256"])):
+    for name, data, want in (
+        ("model", model_data, meta["model_sha256"]),
+        ("optim", optim_data, meta["optim_sha256"]),
+    ):
         if storage.sha256_bytes(data) != want:
             raise ValueError(f"checkpoint {uri}: {name}.safetensors checksum mismatch (corrupt checkpoint)")
     load_state(model, model_data)

@@ -50,8 +50,16 @@ def run_ddp(
     client.subscribe_topic(topic, lambda ev: events.put(ev[1]))
     futures = [
         client.submit(
-            _rank_main, job, rank=r, world_size=world_size, master=master, topic=topic,
-            workers=[w], allow_other_workers=False, pure=False, key=f"{topic}-rank{r}",
+            _rank_main,
+            job,
+            rank=r,
+            world_size=world_size,
+            master=master,
+            topic=topic,
+            workers=[w],
+            allow_other_workers=False,
+            pure=False,
+            key=f"{topic}-rank{r}",
         )
         for r, w in enumerate(chosen)
     ]
@@ -66,7 +74,9 @@ def run_ddp(
             time.sleep(0.2)
         for rank, f in enumerate(futures):
             if f.status != "finished":
-                raise TrainingError(f"rank {rank} ended as {f.status}: {f.exception() if f.status == 'error' else ''}")
+                raise TrainingError(
+                    f"rank {rank} ended as {f.status}: {f.exception() if f.status == 'error' else ''}"
+                )
         results = client.gather(futures)
         _drain(events, on_event)
         return results
@@ -115,10 +125,15 @@ def _rank_main(job: TrainJob, *, rank: int, world_size: int, master: str, topic:
     worker._mms_hosted_rank = True  # read by _ensure_fresh_workers before the next job
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(
-        backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size,
+        backend,
+        init_method=f"tcp://{master}",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=job.train.timeout_s),
     )
     try:
-        return train_rank(job=job, rank=rank, world_size=world_size, emit=lambda m: worker.log_event(topic, m))
+        return train_rank(
+            job=job, rank=rank, world_size=world_size, emit=lambda m: worker.log_event(topic, m)
+        )
     finally:
         dist.destroy_process_group()

@@ -31,7 +31,10 @@ Emit = Callable[[dict[str, Any]], None]
 
 def steps_per_epoch(manifest: Manifest, *, world_size: int, batch_size: int) -> int:
     """Same on every rank (else the all-reduce would hang): the smallest rank's batch count."""
-    rows = [sum(s.rows for s in shards_for_rank(manifest, rank=r, world_size=world_size)) for r in range(world_size)]
+    rows = [
+        sum(s.rows for s in shards_for_rank(manifest, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
     return max(1, min(math.ceil(n / batch_size) for n in rows))
 
 
@@ -42,7 +45,9 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     manifest = load_manifest(job.manifest_uri)
     x, y = _load_rank_data(manifest, rank=rank, world_size=world_size, device=device)
-    model = build_model(spec=job.model, in_features=len(manifest.features), n_classes=len(manifest.classes)).to(device)
+    model = build_model(
+        spec=job.model, in_features=len(manifest.features), n_classes=len(manifest.classes)
+    ).to(device)
     net: nn.Module = DDP(model) if world_size > 1 else model
     optimizer = _optimizer(model, job.train)
     n_steps = steps_per_epoch(manifest, world_size=world_size, batch_size=job.train.batch_size)
@@ -64,7 +69,9 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
             step += 1
             totals += torch.tensor([loss * len(idx), correct, len(idx)], dtype=torch.float64, device=device)
             if rank == 0 and job.train.checkpoint_every and step % job.train.checkpoint_every == 0:
-                save_checkpoint(root=job.checkpoint_uri, step=step, epoch=epoch, model=model, optimizer=optimizer)
+                save_checkpoint(
+                    root=job.checkpoint_uri, step=step, epoch=epoch, model=model, optimizer=optimizer
+                )
         if world_size > 1:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
@@ -85,15 +92,21 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
                 emit({"kind": "epoch", "epochs": job.train.epochs, **m.model_dump()})
     train_seconds = time.perf_counter() - t_start
 
-    result = RankResult(rank=rank, params_sha256=_params_sha(model), history=history, steps=step, train_seconds=train_seconds)
+    result = RankResult(
+        rank=rank, params_sha256=_params_sha(model), history=history, steps=step, train_seconds=train_seconds
+    )
     if rank == 0:
-        save_checkpoint(root=job.checkpoint_uri, step=step, epoch=job.train.epochs, model=model, optimizer=optimizer)
+        save_checkpoint(
+            root=job.checkpoint_uri, step=step, epoch=job.train.epochs, model=model, optimizer=optimizer
+        )
         storage.write_bytes_atomic(job.output_uri, state_bytes(model))
         result.weights_uri = job.output_uri
     return result
 
 
-def _load_rank_data(manifest: Manifest, *, rank: int, world_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_rank_data(
+    manifest: Manifest, *, rank: int, world_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     parts = [read_shard(s) for s in shards_for_rank(manifest, rank=rank, world_size=world_size)]
     return _to_device((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), device)
 
@@ -102,7 +115,9 @@ def _to_device(xy: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple
     return torch.tensor(xy[0], device=device), torch.tensor(xy[1], device=device)
 
 
-def _step(net: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, precision: str) -> tuple[float, int]:
+def _step(
+    net: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, precision: str
+) -> tuple[float, int]:
     with _autocast(xb.device, precision):
         logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb)
@@ -133,7 +148,9 @@ def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, *, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _scheduler(
+    optimizer: torch.optim.Optimizer, spec: TrainSpec, *, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     if spec.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

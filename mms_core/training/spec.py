@@ -20,10 +20,14 @@ class TrainSpec(BaseModel):
     lr: float = Field(default=2e-3, gt=0, description="Peak learning rate.")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="Optimizer.")
     weight_decay: float = Field(default=1e-4, ge=0, description="Decoupled weight decay.")
-    schedule: Literal["constant", "cosine"] = Field(default="cosine", description="LR schedule over all steps.")
+    schedule: Literal["constant", "cosine"] = Field(
+        default="cosine", description="LR schedule over all steps."
+    )
     seed: int = Field(default=0, description="Seed for init and shuffling.")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="Autocast precision.")
-    checkpoint_every: int = Field(default=100, ge=0, description="Checkpoint every K steps (0: only at the end).")
+    checkpoint_every: int = Field(
+        default=100, ge=0, description="Checkpoint every K steps (0: only at the end)."
+    )
     world_size: int | None = Field(default=None, ge=1, description="Ranks to use; default all Dask workers.")
     timeout_s: float = Field(default=300, gt=0, description="Process-group init/collective timeout.")
 

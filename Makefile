@@ -1,0 +1,34 @@
+# Two commands matter on a fresh machine: `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machines: this exact pin takes the CPU wheel on disk; any other spec pulls GBs of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install  ## train, evaluate, compress and register the digits model on embedded defaults
+	$(VENV)/bin/mms run examples/digits.yaml
+
+test: install lint  ## the whole suite (what CI runs)
+	$(PY) -m pytest -q --durations=15
+
+test-fast: install  ## everything but the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m bench.ddp_overhead
+
+clean:
+	rm -rf .mms mlruns .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The `mms` command line."""

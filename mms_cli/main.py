@@ -1,0 +1,151 @@
+"""`mms` CLI (typer). Heavy imports (torch, prefect, mlflow) happen inside commands: Dask's
+spawned workers re-import this module, and `mms --help` should answer at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mms_cli.progress import PipelineProgress, summary_table
+
+app = typer.Typer(help="MMS: train, compress, register and serve PyTorch models.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="Start, inspect and stop the local stack (Prefect, MLflow, Dask, Redis) on 127.0.0.1."
+)
+app.add_typer(stack_app, name="stack")
+console = Console()
+DEFAULT_SPEC = Path("examples/digits.yaml")
+
+
+def _settings():
+    from mms_core.config import Settings, prefect_env
+
+    settings = Settings()
+    os.environ.update(prefect_env(settings))  # before prefect is imported
+    return settings
+
+
+def _use_stack_if_up(settings) -> bool:
+    """Point this process at `mms stack up`'s servers, unless the environment already chose."""
+    from infra.stack import stack_env, stack_status
+
+    state = stack_status(home=settings.home)
+    if state is None or not state.all_alive:
+        return False
+    for key, value in stack_env(state).items():
+        os.environ.setdefault(key, value)
+    return True
+
+
+@app.command()
+def run(
+    spec: Annotated[
+        Path | None, typer.Argument(help="PipelineSpec YAML (default: examples/digits.yaml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")
+    ] = None,
+) -> None:
+    """Run the training pipeline: ingest, shard, train (DDP on Dask), evaluate, compress, register."""
+    from mms_core.errors import MMSError
+    from mms_core.spec import load_spec
+
+    settings = _settings()
+    using_stack = _use_stack_if_up(settings)
+    path = spec if spec is not None else (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None)
+    try:
+        pipeline_spec = load_spec(path, overrides=set_ or [])
+    except MMSError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from mms_core.config import Settings
+
+    settings = Settings()  # re-read: the stack may have set MMS_* variables
+    console.print(
+        f"[bold]mms run[/bold] {path or '(defaults)'}  home={settings.home}  "
+        f"{'stack' if using_stack else 'embedded'} mode"
+    )
+    from flows.training_pipeline import training_pipeline
+
+    with PipelineProgress(console=console, epochs=pipeline_spec.training.epochs):
+        try:
+            result = training_pipeline(spec=pipeline_spec)
+        except MMSError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    console.print(summary_table(result=result, prefect_api=os.environ.get("PREFECT_API_URL")))
+
+
+@app.command()
+def deploy(
+    spec: Annotated[
+        Path | None, typer.Option(help="Spec for the scheduled deployment (default: examples/digits.yaml).")
+    ] = None,
+    cron: Annotated[
+        str, typer.Option(help="Cron schedule of training-pipeline/digits-nightly.")
+    ] = "0 2 * * *",
+) -> None:
+    """Serve the flows as Prefect deployments (needs `mms stack up` or PREFECT_API_URL); blocks."""
+    settings = _settings()
+    _use_stack_if_up(settings)
+    from flows.deploy import serve_deployments
+
+    serve_deployments(spec_path=spec, cron=cron)
+
+
+@stack_app.command("up")
+def stack_up_cmd(
+    redis: Annotated[bool, typer.Option(help="Also start redis-server if it is installed.")] = True,
+) -> None:
+    """Start Prefect server, MLflow server, Dask scheduler + 2 workers (and Redis) on 127.0.0.1."""
+    from infra.stack import StackError, stack_env, stack_up
+
+    settings = _settings()
+    with console.status("starting the local stack (Prefect, MLflow, Dask, Redis)..."):
+        try:
+            state = stack_up(home=settings.home, with_redis=redis)
+        except StackError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    _print_stack(state)
+    console.print("\n`mms run` uses it automatically; other shells can export:")
+    for key, value in stack_env(state).items():
+        console.print(f"  export {key}={value}")
+
+
+@stack_app.command("status")
+def stack_status_cmd() -> None:
+    """Show the recorded stack and whether each component answers."""
+    from infra.stack import stack_status
+
+    state = stack_status(home=_settings().home)
+    if state is None:
+        console.print("no stack recorded (start one with `mms stack up`)")
+        raise typer.Exit(1)
+    _print_stack(state)
+
+
+@stack_app.command("down")
+def stack_down_cmd() -> None:
+    """Stop exactly the processes `mms stack up` started."""
+    from infra.stack import stack_down
+
+    stopped = stack_down(home=_settings().home)
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+def _print_stack(state) -> None:
+    from rich.table import Table
+
+    table = Table("component", "pid", "url", "alive", "log")
+    for c in state.components:
+        table.add_row(
+            c.name, str(c.pid), c.url or "", "[green]yes[/green]" if c.alive else "[red]no[/red]", str(c.log)
+        )
+    for name, why in (state.skipped or {}).items():
+        table.add_row(name, "-", "", "skipped", why)
+    console.print(table)
