@@ -37,7 +37,7 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
     tracking, root = settings.tracking_uri, settings.storage_root
     steps.check_model(spec=spec.model)  # a bad model path fails here, before any work
     ingested = t.ingest(data=spec.data, root=root)
-    manifest_uri = t.shard(ingested=ingested, spec=spec.preprocess, root=root)
+    manifest_uri = t.shard_with_cache(ingested=ingested, spec=spec.preprocess, root=root)
     run_id = t.start_tracking(
         spec=spec, manifest_uri=manifest_uri, tracking_uri=tracking, artifact_root=settings.artifact_root
     )

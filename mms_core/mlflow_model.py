@@ -6,9 +6,8 @@ from the package's safetensors weights and config.
 
 from pathlib import Path
 
-from mlflow.pyfunc import PythonModel
-
 import mlflow
+from mlflow.pyfunc import PythonModel
 
 
 class MMSClassifier(PythonModel):

@@ -9,12 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pandas as pd
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-import mlflow
-from mlflow import MlflowClient
 from mms_core.packaging import PackageConfig, Predictor, write_package
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")

@@ -71,7 +71,11 @@ def load_spec(path: str | Path | None = None, *, overrides: list[str] = ()) -> P
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpecError(f"override {item!r} must look like section.key=value (e.g. training.epochs=5)")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"override {item!r}: value is not valid YAML ({exc.problem}); quote it") from None
+        _set_dotted(raw, key.strip().split("."), parsed)
     try:
         return PipelineSpec.model_validate(raw)
     except ValidationError as exc:

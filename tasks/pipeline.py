@@ -27,13 +27,11 @@ def ingest(*, data: DataSpec, root: str) -> IngestResult:
     return result
 
 
-def _shard_cache_key(context: Any, params: dict[str, Any]) -> str | None:
-    key = shard_key(
-        source_sha256=params["ingested"].sha256, label=params["ingested"].label, spec=params["spec"]
-    )
-    # Cache only while the content-addressed manifest is really there (someone may delete shards).
-    manifest = storage.join(params["root"], "shards", key[:16], "manifest.json")
-    return f"shards-{key}-{storage.canonical_hash(params['root'])[:8]}" if storage.exists(manifest) else None
+def _shard_cache_key(context: Any, params: dict[str, Any]) -> str:
+    """Content address of the shards: same input bytes + same config (+ same root) -> same key."""
+    ingested = params["ingested"]
+    key = shard_key(source_sha256=ingested.sha256, label=ingested.label, spec=params["spec"])
+    return f"shards-{key}-{storage.canonical_hash(params['root'])[:8]}"
 
 
 @task(
@@ -50,6 +48,15 @@ def shard(*, ingested: IngestResult, spec: ShardSpec, root: str) -> str:
         raw_uri=ingested.uri, source_sha256=ingested.sha256, label=ingested.label, spec=spec, root=root
     )
     get_run_logger().info("shards ready: %s", uri)
+    return uri
+
+
+def shard_with_cache(*, ingested: IngestResult, spec: ShardSpec, root: str) -> str:
+    """Shard, served from Prefect's cache when the same data and config were sharded before;
+    if the cached manifest has since been deleted (retention, a user), rebuild it."""
+    uri = shard(ingested=ingested, spec=spec, root=root)
+    if not storage.exists(uri):
+        uri = shard.with_options(refresh_cache=True)(ingested=ingested, spec=spec, root=root)
     return uri
 
 

@@ -123,12 +123,24 @@ def _synthetic(params: dict[str, str], *, label: str, source: str) -> pd.DataFra
         raise DataError(f"{source}: parameters must be integers ({exc})") from None
     from sklearn.datasets import make_classification
 
-    n_features = p.get("n_features", 20)
+    n_samples, n_features, n_classes = (
+        p.get("n_samples", 2000),
+        p.get("n_features", 20),
+        p.get("n_classes", 4),
+    )
+    n_informative = max(2, n_features // 2)
+    if n_samples < 2 * n_classes or n_features < 2 or n_classes < 2:
+        raise DataError(f"{source}: need n_samples >= 2*n_classes, n_features >= 2, n_classes >= 2")
+    if n_classes * 2 > 2**n_informative:  # make_classification: 2 clusters per class fit the informative dims
+        raise DataError(
+            f"{source}: n_classes={n_classes} needs more features (n_features={n_features} gives "
+            f"{n_informative} informative); raise n_features to >= {2 * (n_classes - 1).bit_length() + 2}"
+        )
     x, y = make_classification(
-        n_samples=p.get("n_samples", 2000),
+        n_samples=n_samples,
         n_features=n_features,
-        n_informative=max(2, n_features // 2),
-        n_classes=p.get("n_classes", 4),
+        n_informative=n_informative,
+        n_classes=n_classes,
         random_state=p.get("seed", 0),
     )
     df = pd.DataFrame(x.astype(np.float32), columns=[f"f_{i}" for i in range(n_features)])

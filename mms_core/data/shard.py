@@ -17,6 +17,7 @@ from mms_core import storage
 from mms_core.errors import CorruptShardError, DataError
 
 MANIFEST_VERSION = 1
+LABEL_COLUMN = "__mms_label__"  # the label's column inside shards; cannot clash with a user feature
 
 
 class ShardSpec(BaseModel):
@@ -86,6 +87,8 @@ def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: 
 
     df = pd.read_parquet(io.BytesIO(storage.read_bytes(raw_uri)))
     features = [c for c in df.columns if c != label]
+    if LABEL_COLUMN in features:
+        raise DataError(f"{raw_uri}: column name {LABEL_COLUMN!r} is reserved by MMS; rename that column")
     classes = sorted(df[label].unique().tolist())
     if len(classes) < 2:
         raise DataError(f"{raw_uri}: label {label!r} has a single class {classes}; need at least two")
@@ -107,7 +110,7 @@ def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: 
 
     def write(name: str, idx: np.ndarray) -> ShardInfo:
         part = pd.DataFrame(xs[idx], columns=features)
-        part["label"] = y[idx]
+        part[LABEL_COLUMN] = y[idx]
         buf = io.BytesIO()
         part.to_parquet(buf, index=False)
         uri = storage.join(out, f"{name}.parquet")
@@ -162,7 +165,7 @@ def read_shard(info: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
             f"{info.sha256[:12]}...; delete its shard directory and re-run to rebuild it"
         )
     df = pd.read_parquet(io.BytesIO(data))
-    y = df.pop("label").to_numpy(dtype=np.int64)
+    y = df.pop(LABEL_COLUMN).to_numpy(dtype=np.int64)
     return df.to_numpy(dtype=np.float32), y
 
 

@@ -81,6 +81,8 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     if ":" not in name:
         raise ModelLoadError(f"unknown model {name!r}: use one of {sorted(ZOO)} or 'pkg.module:build_fn'")
     module_name, _, attr = name.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise ModelLoadError(f"model path {name!r} must be an absolute 'pkg.module:build_fn'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -88,6 +90,8 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
             f"cannot import module {module_name!r} for model {name!r} ({exc}); "
             f"install the package or add it to PYTHONPATH on every worker"
         ) from exc
+    except Exception as exc:  # the user's module raised while importing (SyntaxError, ...)
+        raise ModelLoadError(f"importing {module_name!r} for model {name!r} failed: {exc!r}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ModelLoadError(f"module {module_name!r} has no callable {attr!r} (model {name!r})")
