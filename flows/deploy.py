@@ -1,0 +1,92 @@
+"""Prefect deployments of the training pipeline, served by one long-running process (`mms deploy`).
+
+Two deployments of the `training-pipeline` flow: `digits-nightly` on a cron schedule with the
+parameters of examples/digits.yaml, and `manual` (no schedule) for runs started from the UI or
+`prefect deployment run`. Serving needs a real Prefect server (`mms stack up`): against
+Prefect's temporary server the schedules and runs would vanish with the process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prefect.deployments.runner import EntrypointType
+
+from flows.training_pipeline import training_pipeline
+from mms_core.errors import MMSError
+from mms_core.spec import load_spec
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
+NIGHTLY = "digits-nightly"
+MANUAL = "manual"
+TAGS = ["mms"]
+
+
+def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> list[RunnerDeployment]:
+    """Build the training pipeline's deployments (nothing is sent to a server yet).
+
+    Args:
+        spec_path: PipelineSpec YAML the nightly runs use; default examples/digits.yaml
+            (the built-in defaults when that file is not there, e.g. a non-editable install).
+        cron: Cron expression of the nightly schedule (server time zone, UTC by default).
+
+    Returns:
+        `[digits-nightly, manual]`: the first scheduled with `cron` and the spec's parameters,
+        the second unscheduled with the flow's default parameters.
+
+    Raises:
+        SpecError: The spec file is unreadable or invalid.
+    """
+    path = spec_path if spec_path is not None else (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None)
+    spec = load_spec(path)
+    # A module path, not a file path relative to the serving process's cwd: the flow runs in a
+    # subprocess that imports it, and `flows` is an installed package.
+    common = dict(tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH)
+    nightly = training_pipeline.to_deployment(
+        NIGHTLY,
+        cron=cron,
+        # JSON-ready values: the server stores parameters as JSON and checks them against the
+        # flow's schema (built from PipelineSpec, which is also what the UI's form shows).
+        parameters={"spec": spec.model_dump(mode="json")},
+        description=f"Nightly training run ({cron}) of {path or 'the default spec'}.",
+        **common,
+    )
+    manual = training_pipeline.to_deployment(
+        MANUAL,
+        description="On-demand training run; set the spec in the UI form or with --params.",
+        **common,
+    )
+    return [nightly, manual]
+
+
+def serve_deployments(
+    *, spec_path: Path | None = None, cron: str = "0 2 * * *", limit: int | None = None
+) -> None:
+    """Register the deployments and execute their runs until interrupted (blocks).
+
+    Stop this process before the Prefect server it talks to: once the server is gone it no
+    longer reacts to SIGTERM (design brief, section 2).
+
+    Args:
+        spec_path: PipelineSpec YAML for the nightly deployment (see `deployments`).
+        cron: Cron expression of the nightly schedule.
+        limit: Most flow runs executed at the same time; None for no limit.
+
+    Raises:
+        MMSError: No Prefect server is configured (PREFECT_API_URL unset).
+        SpecError: The spec file is unreadable or invalid.
+    """
+    from prefect import serve
+    from prefect.settings import get_current_settings
+
+    api_url = get_current_settings().api.url
+    if not api_url:
+        raise MMSError(
+            "serving deployments needs a running Prefect server, but PREFECT_API_URL is not set: "
+            "start the local stack with `mms stack up` (or point PREFECT_API_URL at a server)"
+        )
+    serve(*deployments(spec_path=spec_path, cron=cron), limit=limit)

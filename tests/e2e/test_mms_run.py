@@ -1,0 +1,60 @@
+"""`mms run` end to end, as a user runs it: the real console script, embedded defaults, tmp MMS_HOME."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[2]
+MMS = str(Path(sys.executable).with_name("mms"))
+
+
+def _mms(*args: str, home: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMS_", "PREFECT_"))}
+    env.update(MMS_HOME=str(home), COLUMNS="200", PYTHONUNBUFFERED="1")
+    return subprocess.run([MMS, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_mms_run_default_digits_spec_registers_champion(tmp_path):
+    proc = _mms("run", home=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "digits-classifier v1 -> @champion" in proc.stdout
+    assert "training epochs" in proc.stdout  # the progress display ran
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("digits-classifier", "champion")
+    run = client.get_run(champion.tags["mms.run_id"])
+    metrics = run.data.metrics
+    # The default spec's gate (min_accuracy 0.95) passed, and compression kept its promise.
+    assert metrics["test_accuracy"] >= 0.95
+    assert metrics["compress_size_ratio"] >= 3.0
+    assert metrics["compress_accuracy_drop"] <= 0.01
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 30
+    assert {"mms.manifest_hash", "mms.spec_hash", "mms.git_commit", "mms.prefect_flow_run_id"} <= set(
+        champion.tags
+    )
+    versions = client.search_model_versions("name='digits-classifier'")
+    assert sorted(v.tags["mms.variant"] for v in versions) == ["fp32", "int8"]
+
+
+def test_mms_run_rejects_a_bad_override_with_exit_code_2(tmp_path):
+    proc = _mms("run", "--set", "training.epochs=-1", home=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "training.epochs" in proc.stdout and "greater than or equal to 1" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran
+
+
+def test_every_command_has_help():
+    for args in (
+        ["--help"],
+        ["run", "--help"],
+        ["deploy", "--help"],
+        ["stack", "--help"],
+        ["stack", "up", "--help"],
+    ):
+        proc = subprocess.run([MMS, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "Usage" in proc.stdout, args

@@ -1,0 +1,163 @@
+"""Deployments of the training pipeline: built correctly, and served end to end on the local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import psutil
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+
+from flows.deploy import MANUAL, NIGHTLY, deployments
+from infra.stack import stack_down, stack_env, stack_up
+from mms_core.spec import PipelineSpec, load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+FAST = ["training.epochs=2", "evaluate.min_accuracy=0.0", "registry.experiment=test-deploy"]
+
+
+def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
+    nightly, manual = deployments(cron="30 3 * * 1")
+
+    assert (nightly.name, manual.name) == (NIGHTLY, MANUAL) == ("digits-nightly", "manual")
+    assert nightly.flow_name == manual.flow_name == "training-pipeline"
+    assert [s.schedule.cron for s in nightly.schedules] == ["30 3 * * 1"]
+    assert manual.schedules == []
+    spec = PipelineSpec.model_validate(nightly.parameters["spec"])
+    assert spec == load_spec(REPO / "examples" / "digits.yaml")
+    assert manual.parameters == {}
+    assert nightly.tags == manual.tags == ["mms"] and nightly.description and manual.description
+    # Runs load the flow by module path, whatever directory the serving process runs in.
+    assert nightly.entrypoint == "flows.training_pipeline.training_pipeline"
+
+
+def test_serve_refuses_to_run_without_a_prefect_server(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    code = "from flows.deploy import serve_deployments; serve_deployments()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "PREFECT_API_URL is not set" in proc.stderr and "mms stack up" in proc.stderr
+
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM the serve process's group (it and its flow-run children), then SIGKILL what is left."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)  # its own group: started with start_new_session=True
+        _, family = psutil.wait_procs(family, timeout=timeout_s if sig == signal.SIGTERM else 5)
+        for p in family:
+            with suppress(psutil.NoSuchProcess):
+                p.kill()
+        if not family:
+            break
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
+
+
+def _wait_for_deployment(client, name: str, serve: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with suppress(ObjectNotFound):
+            client.read_deployment_by_name(name)
+            return
+        assert serve.poll() is None, f"serve process exited with {serve.returncode}:\n{_tail(log)}"
+        assert time.monotonic() < deadline, f"deployment {name} not registered in {timeout_s}s:\n{_tail(log)}"
+        time.sleep(1)
+
+
+def _wait_for_run(client, run_id: str, serve: subprocess.Popen, log: Path, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        assert serve.poll() is None, f"serve process exited with {serve.returncode}:\n{_tail(log)}"
+        assert time.monotonic() < deadline, (
+            f"flow run still {run.state_name} after {timeout_s}s:\n{_tail(log)}"
+        )
+        time.sleep(2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_served_manual_deployment_runs_on_the_stack_and_registers_a_model(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    serve = None
+    log = tmp_path / "serve.log"
+    try:
+        state = stack_up(home=tmp_path, with_redis=False, timeout_s=150)
+        stack = stack_env(state)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MMS_"))}
+        env |= stack | {
+            "MMS_HOME": str(tmp_path),
+            "PREFECT_HOME": str(tmp_path / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        code = "from flows.deploy import serve_deployments; serve_deployments()"
+        with open(log, "wb") as out:
+            serve = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        with SyncPrefectClient(stack["PREFECT_API_URL"]) as client:
+            _wait_for_deployment(client, f"training-pipeline/{MANUAL}", serve, log, timeout_s=90)
+            nightly = client.read_deployment_by_name(f"training-pipeline/{NIGHTLY}")
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+
+            params = json.dumps(
+                {"spec": load_spec(REPO / "examples" / "digits.yaml", overrides=FAST).model_dump(mode="json")}
+            )
+            cli = subprocess.run(
+                [PREFECT, "deployment", "run", f"training-pipeline/{MANUAL}", "--params", params],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+            assert cli.returncode == 0, cli.stdout + cli.stderr
+            found = re.search(r"UUID: ([0-9a-f-]{36})", cli.stdout)
+            assert found, cli.stdout
+            run = _wait_for_run(client, found.group(1), serve, log, timeout_s=180)
+            assert run.state.is_completed(), f"flow run {run.state_name}: {run.state.message}\n{_tail(log)}"
+            assert run.parameters["spec"]["training"]["epochs"] == 2
+
+        registry = MlflowClient(tracking_uri=stack["MMS_MLFLOW_URI"])
+        versions = registry.search_model_versions("name='digits-classifier'")
+        assert versions, "no version of digits-classifier registered on the stack's MLflow server"
+        assert {v.tags.get("mms.prefect_flow_run_id") for v in versions} == {str(run.id)}
+        assert registry.get_model_version_by_alias("digits-classifier", "champion").run_id
+    finally:
+        # The serve process first: once its server is gone it ignores SIGTERM (design brief, section 2).
+        if serve is not None:
+            _stop_group(serve)
+        stack_down(home=tmp_path, timeout_s=10)
