@@ -57,21 +57,19 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
     history: list[EpochMetrics] = []
     step, t_start = 0, time.perf_counter()
     for epoch in range(1, job.train.epochs + 1):
-        net.train()
-        gen = torch.Generator().manual_seed(job.train.seed * 100_003 + epoch * 1_009 + rank)
-        perm = torch.randperm(len(x), generator=gen).to(device)
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         t0 = time.perf_counter()
-        for i in range(n_steps):
-            idx = perm[i * job.train.batch_size : (i + 1) * job.train.batch_size]
-            loss, correct = _step(net, optimizer, x[idx], y[idx], job.train.precision)
-            scheduler.step()
-            step += 1
-            totals += torch.tensor([loss * len(idx), correct, len(idx)], dtype=torch.float64, device=device)
-            if rank == 0 and job.train.checkpoint_every and step % job.train.checkpoint_every == 0:
-                save_checkpoint(
-                    root=job.checkpoint_uri, step=step, epoch=epoch, model=model, optimizer=optimizer
-                )
+        totals, step = _train_epoch(
+            job=job,
+            net=net,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data=(x, y),
+            n_steps=n_steps,
+            epoch=epoch,
+            rank=rank,
+            step=step,
+        )
         if world_size > 1:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
@@ -115,16 +113,43 @@ def _to_device(xy: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple
     return torch.tensor(xy[0], device=device), torch.tensor(xy[1], device=device)
 
 
-def _step(
-    net: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, precision: str
-) -> tuple[float, int]:
-    with _autocast(xb.device, precision):
-        logits = net(xb)
-        loss = F.cross_entropy(logits.float(), yb)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), int((logits.argmax(1) == yb).sum())
+def _train_epoch(
+    *,
+    job: TrainJob,
+    net: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: tuple[torch.Tensor, torch.Tensor],
+    n_steps: int,
+    epoch: int,
+    rank: int,
+    step: int,
+) -> tuple[torch.Tensor, int]:
+    """One pass over this rank's rows; returns (sum of loss*n, correct, n) and the new step count."""
+    x, y = data
+    net.train()
+    gen = torch.Generator().manual_seed(job.train.seed * 100_003 + epoch * 1_009 + rank)
+    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    # Accumulated on the device: no host sync per step (matters on GPUs).
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    for i in range(n_steps):
+        idx = perm[i * job.train.batch_size : (i + 1) * job.train.batch_size]
+        xb, yb = x[idx], y[idx]
+        with _autocast(xb.device, job.train.precision):
+            logits = net(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        totals[0] += loss.detach() * len(idx)
+        totals[1] += (logits.argmax(1) == yb).sum()
+        totals[2] += len(idx)
+        if rank == 0 and job.train.checkpoint_every and step % job.train.checkpoint_every == 0:
+            save_checkpoint(root=job.checkpoint_uri, step=step, epoch=epoch, model=model, optimizer=optimizer)
+    return totals, step
 
 
 @torch.no_grad()
