@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -45,16 +46,23 @@ def home(tmp_path: Path) -> Iterator[Path]:
 def test_stack_up_status_down(home: Path) -> None:
     from distributed import Client
 
-    state = stack_up(home=home, with_redis=False, timeout_s=150)
+    with_redis = shutil.which("redis-server") is not None  # .ci/run installs it
+    state = stack_up(home=home, with_redis=with_redis, timeout_s=150)
     names = {c.name for c in state.components}
-    assert names == {"prefect", "mlflow", "dask-scheduler", "dask-worker-0", "dask-worker-1"}
+    expected = ["dask-worker-0", "dask-worker-1", "dask-scheduler", "prefect", "mlflow"] + ["redis"] * with_redis
+    assert names == set(expected)
     assert (home / "stack" / "stack.json").exists()
 
     status = stack_status(home=home)
     assert status is not None and status.all_alive, status
 
     env = stack_env(state)
-    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:") and "MMS_REDIS_URL" not in env
+    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+    assert ("MMS_REDIS_URL" in env) == with_redis
+    if with_redis:
+        import redis
+
+        assert redis.Redis.from_url(env["MMS_REDIS_URL"], socket_timeout=5).ping()
     with Client(env["MMS_DASK_ADDRESS"], timeout=30, set_as_default=False) as client:
         assert client.submit(lambda: 1 + 1).result(timeout=30) == 2
         assert len(client.nthreads()) == 2
@@ -63,12 +71,12 @@ def test_stack_up_status_down(home: Path) -> None:
     with _HTTP.open(f"{env['PREFECT_API_URL']}/health", timeout=10) as resp:
         assert resp.status == 200
 
-    again = stack_up(home=home, with_redis=False)
+    again = stack_up(home=home, with_redis=with_redis)
     assert {c.name: c.pid for c in again.components} == {c.name: c.pid for c in state.components}
 
     pids = [c.pid for c in state.components]
     stopped = stack_down(home=home)
-    assert stopped == ["dask-worker-0", "dask-worker-1", "dask-scheduler", "prefect", "mlflow"]
+    assert stopped == expected
     assert all(_gone(pid) for pid in pids)
     assert not (home / "stack" / "stack.json").exists()
     assert stack_status(home=home) is None
