@@ -49,7 +49,9 @@ def test_stack_up_status_down(home: Path) -> None:
     with_redis = shutil.which("redis-server") is not None  # .ci/run installs it
     state = stack_up(home=home, with_redis=with_redis, timeout_s=150)
     names = {c.name for c in state.components}
-    expected = ["dask-worker-0", "dask-worker-1", "dask-scheduler", "prefect", "mlflow"] + ["redis"] * with_redis
+    expected = ["dask-worker-0", "dask-worker-1", "dask-scheduler", "prefect", "mlflow"] + [
+        "redis"
+    ] * with_redis
     assert names == set(expected)
     assert (home / "stack" / "stack.json").exists()
 
