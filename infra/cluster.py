@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import dask
 from distributed import Client, LocalCluster
 
 from mms_core.config import Settings
@@ -18,7 +19,13 @@ def dask_client(settings: Settings) -> Iterator[Client]:
         with Client(settings.dask_address, timeout="30s") as client:
             yield client
         return
-    with _local_cluster(settings) as cluster, Client(cluster) as client:
+    # Training restarts workers between jobs; with the default 15 s, a LocalCluster hard-closes a
+    # worker's nanny that is slow to come back (loaded machine) and the worker is lost for good.
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "10 minutes"}),
+        _local_cluster(settings) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 

@@ -39,6 +39,10 @@ def run_ddp(
     """
     _ensure_fresh_workers(client)
     workers = sorted(client.scheduler_info()["workers"])
+    if not workers:
+        raise TrainingError(
+            "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
+        )
     world_size = job.train.world_size or len(workers)
     if world_size > len(workers):
         raise TrainingError(f"training.world_size={world_size} but the cluster has {len(workers)} workers")
@@ -87,13 +91,22 @@ def run_ddp(
 
 def _ensure_fresh_workers(client: Client) -> None:
     """Back-to-back process groups in one worker process hang intermittently (design brief,
-    section 2), so restart workers that already hosted a rank. A fresh cluster (the embedded
-    default, closed after training) never pays for a restart."""
-    used = client.run(_hosted_a_rank)
-    if any(used.values()):
-        n = len(used)
-        client.restart(wait_for_workers=False)
-        client.wait_for_workers(n, timeout=120)
+    section 2), so the workers are restarted before a job if any of them already hosted a rank.
+    A fresh cluster (the embedded default, closed after training) never pays for a restart.
+
+    Owners of a LocalCluster that runs several jobs must raise dask's
+    ``distributed.deploy.lost-worker-timeout`` (infra.cluster does): otherwise a worker that takes
+    longer than 15 s to come back from the restart has its nanny closed and never returns.
+    """
+    hosted = client.run(_hosted_a_rank)
+    if any(hosted.values()):
+        try:
+            client.restart(timeout=180, wait_for_workers=False)
+            client.wait_for_workers(len(hosted), timeout=180)
+        except Exception as exc:  # distributed raises several types for workers that do not come back
+            raise TrainingError(
+                f"Dask workers did not come back from the restart before training: {exc!r}"
+            ) from exc
 
 
 def _hosted_a_rank(dask_worker: Any) -> bool:  # client.run passes the worker by this name
