@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,39 +71,3 @@ def gate(*, accuracy: float, champion_accuracy: float | None, spec: EvalSpec) ->
     return GateDecision(
         passed=True, alias="champion", reason=f"accuracy {accuracy:.4f} >= {spec.min_accuracy} and {vs}"
     )
-
-
-def confusion_png(*, confusion: list[list[int]], labels: list[str], title: str) -> bytes:
-    """Render a confusion matrix as PNG bytes (for MLflow artifacts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.5 * len(labels)))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(
-        xticks=range(len(labels)),
-        yticks=range(len(labels)),
-        xticklabels=labels,
-        yticklabels=labels,
-        xlabel="predicted",
-        ylabel="true",
-        title=title,
-    )
-    for i, j in np.ndindex(cm.shape):
-        ax.text(
-            j,
-            i,
-            str(cm[i, j]),
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="white" if cm[i, j] > cm.max() / 2 else "black",
-        )
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()

@@ -11,7 +11,8 @@ from prefect.cache_policies import NONE
 from mms_core import registry, steps, storage
 from mms_core.data.ingest import DataSpec, IngestResult
 from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, shard_key
-from mms_core.evaluate import EvalResult, confusion_png
+from mms_core.evaluate import EvalResult
+from mms_core.plots import confusion_png, training_curves_png
 from mms_core.spec import PipelineSpec
 from mms_core.training.ddp import run_ddp
 from mms_core.training.spec import RankResult, TrainJob
@@ -119,6 +120,12 @@ def train(
     for m in rank0.history:  # events are best-effort; the returned history is authoritative
         if m.epoch not in logged:
             on_epoch({**m.model_dump(), "epochs": spec.training.epochs})
+    png = training_curves_png(
+        history=rank0.history, title=f"{spec.name}: {spec.model.name}, {spec.training.strategy}"
+    )
+    registry.log_artifact_bytes(
+        tracking_uri=tracking_uri, run_id=run_id, name="training_curves.png", data=png
+    )
     return rank0
 
 

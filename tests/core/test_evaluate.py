@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mms_core.evaluate import EvalSpec, confusion_png, evaluate, gate, predict_classes
+from mms_core.evaluate import EvalSpec, evaluate, gate, predict_classes
+from mms_core.plots import confusion_png
 
 N_CLASSES = 4
 

@@ -56,7 +56,9 @@ def test_pipeline_registers_champion_with_lineage_then_reuses_shards(mms_home):
     assert client.get_run(first.run_id).data.metrics["test_accuracy"] == pytest.approx(
         first.evaluation.accuracy
     )
-    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"confusion_matrix.png", "training_curves.png"} <= {
+        a.path for a in client.list_artifacts(first.run_id)
+    }
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
     # Same data + shard config: the shard task is served from Prefect's cache, same manifest.
