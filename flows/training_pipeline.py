@@ -83,8 +83,5 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
         manifest_uri=manifest_uri,
         tracking_uri=tracking,
         train_seconds=trained.train_seconds,
-        samples_per_s=trained.steps
-        * spec.training.batch_size
-        * (spec.training.world_size or settings.n_workers)
-        / max(trained.train_seconds, 1e-9),
+        samples_per_s=trained.samples / max(trained.train_seconds, 1e-9),
     )

@@ -5,6 +5,8 @@ Each takes URIs and small specs, returns a small pydantic result; bytes stay in 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import torch
@@ -73,10 +75,7 @@ def compress_trained(
     n_classes = len(manifest.classes)
     full = load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri)
     full_bytes = len(state_bytes(full))
-    pruned = prune_linear(
-        model=load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri),
-        amount=spec.prune_amount,
-    )
+    pruned = prune_linear(model=copy.deepcopy(full), amount=spec.prune_amount)
     data = quantized_bytes(model=pruned) if spec.quantize else state_bytes(pruned)
     small = build_model(spec=model, in_features=len(manifest.features), n_classes=n_classes)
     small = load_quantized(model=small, data=data) if spec.quantize else pruned

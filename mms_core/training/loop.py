@@ -55,7 +55,7 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
     val = _to_device(read_shard(manifest.val), device) if rank == 0 else None
 
     history: list[EpochMetrics] = []
-    step, t_start = 0, time.perf_counter()
+    step, samples, t_start = 0, 0, time.perf_counter()
     for epoch in range(1, job.train.epochs + 1):
         t0 = time.perf_counter()
         totals, step = _train_epoch(
@@ -73,6 +73,7 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
         if world_size > 1:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
+        samples += int(totals[2])
         if rank == 0:
             val_loss, val_acc = _evaluate(model, *val)
             m = EpochMetrics(
@@ -91,7 +92,12 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
     train_seconds = time.perf_counter() - t_start
 
     result = RankResult(
-        rank=rank, params_sha256=_params_sha(model), history=history, steps=step, train_seconds=train_seconds
+        rank=rank,
+        params_sha256=_params_sha(model),
+        history=history,
+        steps=step,
+        samples=samples,
+        train_seconds=train_seconds,
     )
     if rank == 0:
         save_checkpoint(

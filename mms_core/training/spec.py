@@ -62,4 +62,5 @@ class RankResult(BaseModel):
     history: list[EpochMetrics] = Field(default_factory=list, description="Filled on rank 0.")
     weights_uri: str | None = None
     steps: int = 0
+    samples: int = Field(default=0, description="Rows trained on, summed over all ranks and epochs.")
     train_seconds: float = 0.0

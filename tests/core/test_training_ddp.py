@@ -181,6 +181,15 @@ def test_steps_follow_steps_per_epoch_on_both_ranks(first_run, manifest_uri):
     assert [m.step for m in results[0].history] == [spe * e for e in range(1, EPOCHS + 1)]
 
 
+
+def test_samples_count_every_row_each_rank_trained_on(first_run, manifest_uri):
+    manifest = load_manifest(manifest_uri)
+    spe = steps_per_epoch(manifest, world_size=2, batch_size=BATCH)
+    rows = [sum(s.rows for s in shards_for_rank(manifest, rank=r, world_size=2)) for r in range(2)]
+    per_epoch = sum(min(spe * BATCH, n) for n in rows)
+    assert [r.samples for r in first_run["results"]] == [per_epoch * EPOCHS] * 2
+
+
 def test_weights_file_loads_into_the_model_and_matches_the_hash(first_run, manifest_uri):
     r0, job = first_run["results"][0], first_run["job"]
     assert r0.weights_uri == job.output_uri
