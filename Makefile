@@ -27,8 +27,12 @@ test-fast: install  ## everything but the slow end-to-end tests
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install
-	$(PY) -m bench.ddp_overhead
+bench: install  ## benchmarks -> bench/data/*.jsonl and plots; figures go into bench/RESULTS.md
+	mkdir -p bench/data
+	$(PY) -m bench.ddp_overhead | tee bench/data/ddp_overhead_mms.jsonl
+	$(PY) -m bench.ddp_overhead --dask-malloc-trim dask-default | tee bench/data/ddp_overhead_dask_default.jsonl
+	$(PY) -m bench.pipeline_walltime | tee bench/data/pipeline_walltime.jsonl
+	$(PY) -m bench.plot
 
 clean:
 	rm -rf .mms mlruns .pytest_cache .ruff_cache

@@ -299,12 +299,27 @@ def _server_launches(home: Path, ports: dict[str, int], client: dict[str, str]) 
     ]
 
 
+def _worker_config(home: Path) -> Path:
+    """The training-friendly Dask settings of infra.cluster, as the workers' DASK_CONFIG file."""
+    from infra.cluster import worker_config_yaml
+
+    path = home / "stack" / "dask-worker.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(worker_config_yaml())
+    return path
+
+
 def _plan(home: Path, ports: dict[str, int]) -> list[_Launch]:
     """The commands to run, given the port picked for each server."""
     client = _client_env(ports)
     plan = _server_launches(home, ports, client)
     # Workers report Prefect task runs to this server instead of each starting a temporary one.
-    worker_env = {**_prefect_env(home), **client, "MMS_HOME": str(home)}
+    worker_env = {
+        **_prefect_env(home),
+        **client,
+        "MMS_HOME": str(home),
+        "DASK_CONFIG": str(_worker_config(home)),
+    }
     for i in range(N_WORKERS):
         command = [
             _venv_bin("dask"), "worker", client["MMS_DASK_ADDRESS"], "--name", f"worker-{i}",

@@ -145,8 +145,12 @@ def _rank_main(job: TrainJob, *, rank: int, world_size: int, master: str, topic:
         timeout=timedelta(seconds=job.train.timeout_s),
     )
     try:
-        return train_rank(
+        result = train_rank(
             job=job, rank=rank, world_size=world_size, emit=lambda m: worker.log_event(topic, m)
         )
+        # Leave together: a rank tearing gloo down while its peer still talks to it can abort
+        # ("terminate called without an active exception"), seen under torchrun in bench/.
+        dist.barrier()
+        return result
     finally:
         dist.destroy_process_group()
