@@ -68,6 +68,9 @@ def test_stack_up_status_down(home: Path) -> None:
     with Client(env["MMS_DASK_ADDRESS"], timeout=30, set_as_default=False) as client:
         assert client.submit(lambda: 1 + 1).result(timeout=30) == 2
         assert len(client.nthreads()) == 2
+        # Workers get infra.cluster's training settings through their DASK_CONFIG file.
+        trim = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(trim.values()) == {None}
     with _HTTP.open(f"{env['MMS_MLFLOW_URI']}/health", timeout=10) as resp:
         assert resp.status == 200
     with _HTTP.open(f"{env['PREFECT_API_URL']}/health", timeout=10) as resp:

@@ -1,0 +1,44 @@
+"""The cluster the flows build: training-friendly Dask settings reach the worker processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import dask
+import yaml
+
+from infra.cluster import WORKER_DASK_CONFIG, dask_client, worker_config_yaml
+from mms_core.config import Settings
+
+
+def _trim(dask_worker=None) -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_local_cluster_workers_start_without_malloc_trim_threshold(tmp_path, monkeypatch):
+    # A plain LocalCluster earlier in this process writes Dask's pre-spawn environment into
+    # os.environ (the nanny does that to its host), and spawned workers would inherit it.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_client(Settings(home=tmp_path, n_workers=2, dask_address=None)) as client:
+        assert set(client.run(_trim).values()) == {None}
+        assert set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == {"1"}  # others kept
+        assert dask.config.get("distributed.deploy.lost-worker-timeout") == "10 minutes"
+    assert dask.config.get("distributed.deploy.lost-worker-timeout") == "15s"  # scoped to the cluster
+
+
+def test_worker_config_yaml_reaches_a_process_that_loads_it_as_dask_config(tmp_path):
+    """What `dask worker` does with DASK_CONFIG=<file>: Dask's defaults merged with ours."""
+    path = tmp_path / "dask-worker.yaml"
+    path.write_text(worker_config_yaml())
+    assert yaml.safe_load(path.read_text()) == WORKER_DASK_CONFIG
+    probe = (
+        "import dask, json; from distributed.nanny import _get_env_variables; "
+        "print(json.dumps([_get_env_variables('distributed.nanny.pre-spawn-environ'), "
+        "dask.config.get('distributed.deploy.lost-worker-timeout')]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"} | {"DASK_CONFIG": str(path)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    spawn_env, timeout = json.loads(out.stdout)
+    assert "MALLOC_TRIM_THRESHOLD_" not in spawn_env and spawn_env["OMP_NUM_THREADS"] == "1"
+    assert timeout == "10 minutes"
