@@ -4,45 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import dask
-import yaml
 from distributed import Client, LocalCluster
 
+from infra.dask_config import WORKER_DASK_CONFIG, WORKER_UNSET_ENV, dotted
 from mms_core.config import Settings
-
-# Dask settings for clusters that run training: the LocalCluster below, and `mms stack up`'s
-# workers through their DASK_CONFIG file (worker_config_yaml).
-WORKER_DASK_CONFIG: dict = {
-    "distributed": {
-        "nanny": {
-            # Dask sets MALLOC_TRIM_THRESHOLD_=65536 in workers; any value turns off glibc's adaptive
-            # mmap threshold, so every per-step buffer >= 128 KiB is a fresh mmap + page faults:
-            # ~3x the page faults and ~24% fewer samples/s than torchrun (bench/RESULTS.md).
-            "pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None},
-        },
-        # Training restarts workers between jobs; with the default 15 s, a LocalCluster hard-closes
-        # the nanny of a worker that is slow to come back (loaded machine): the worker is lost.
-        "deploy": {"lost-worker-timeout": "10 minutes"},
-    }
-}
-
-
-def worker_config_yaml() -> str:
-    """WORKER_DASK_CONFIG as YAML, for the DASK_CONFIG of `dask worker` processes."""
-    return yaml.safe_dump(WORKER_DASK_CONFIG)
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict[str, object]:
-    """dask.config.set replaces whole subtrees given nested dicts; hand it dotted leaf keys."""
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @contextlib.contextmanager
@@ -53,7 +22,8 @@ def dask_client(settings: Settings) -> Iterator[Client]:
             yield client
         return
     with (
-        dask.config.set(_dotted(WORKER_DASK_CONFIG)),
+        dask.config.set(dotted(WORKER_DASK_CONFIG)),
+        _without_env(WORKER_UNSET_ENV),
         _local_cluster(settings) as cluster,
         Client(cluster) as client,
     ):
@@ -80,3 +50,15 @@ def _local_cluster(settings: Settings) -> LocalCluster:
         dashboard_address=None,
         memory_limit=settings.worker_memory,
     )
+
+
+@contextlib.contextmanager
+def _without_env(names: tuple[str, ...]) -> Iterator[None]:
+    """Hide ``names`` from os.environ while the cluster lives: its nannies spawn (and re-spawn, on
+    restarts) workers from this process's environment, which an earlier Dask cluster in the same
+    process may have filled with its own pre-spawn settings."""
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

@@ -29,6 +29,8 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, Field
 
+from infra.dask_config import WORKER_UNSET_ENV, worker_config_yaml
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -87,6 +89,7 @@ class _Launch:
     port: int | None = None
     url: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()  # variables the process must not inherit
 
 
 def _stack_dir(home: Path) -> Path:
@@ -232,7 +235,7 @@ def _terminate(proc: psutil.Process, timeout_s: float) -> None:
 
 def _spawn(launch: _Launch, logs: Path) -> tuple[ComponentState, _Proc]:
     log_path = logs / f"{launch.name}.log"
-    env = {**os.environ, **launch.env}
+    env = {k: v for k, v in {**os.environ, **launch.env}.items() if k not in launch.unset}
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             launch.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -301,7 +304,6 @@ def _server_launches(home: Path, ports: dict[str, int], client: dict[str, str]) 
 
 def _worker_config(home: Path) -> Path:
     """The training-friendly Dask settings of infra.cluster, as the workers' DASK_CONFIG file."""
-    from infra.cluster import worker_config_yaml
 
     path = home / "stack" / "dask-worker.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +328,7 @@ def _plan(home: Path, ports: dict[str, int]) -> list[_Launch]:
             "--nthreads", "1", "--nworkers", "1", "--memory-limit", "4GiB", "--host", HOST,
             "--no-dashboard", "--local-directory", str(home / "stack" / "dask-worker-space"),
         ]  # fmt: skip
-        plan.append(_Launch(f"dask-worker-{i}", command, env=worker_env))
+        plan.append(_Launch(f"dask-worker-{i}", command, env=worker_env, unset=WORKER_UNSET_ENV))
     if "redis" in ports:
         command = [
             shutil.which("redis-server") or "redis-server", "--bind", HOST, "--port", str(ports["redis"]),

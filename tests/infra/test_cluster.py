@@ -8,7 +8,8 @@ import sys
 import dask
 import yaml
 
-from infra.cluster import WORKER_DASK_CONFIG, dask_client, worker_config_yaml
+from infra.cluster import dask_client
+from infra.dask_config import WORKER_DASK_CONFIG, worker_config_yaml
 from mms_core.config import Settings
 
 
@@ -17,14 +18,15 @@ def _trim(dask_worker=None) -> str | None:
 
 
 def test_local_cluster_workers_start_without_malloc_trim_threshold(tmp_path, monkeypatch):
-    # A plain LocalCluster earlier in this process writes Dask's pre-spawn environment into
-    # os.environ (the nanny does that to its host), and spawned workers would inherit it.
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    # As if an earlier plain Dask cluster had run here: the nanny writes Dask's pre-spawn
+    # environment into its host process, and spawned workers inherit the host's environment.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with dask_client(Settings(home=tmp_path, n_workers=2, dask_address=None)) as client:
         assert set(client.run(_trim).values()) == {None}
         assert set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == {"1"}  # others kept
         assert dask.config.get("distributed.deploy.lost-worker-timeout") == "10 minutes"
     assert dask.config.get("distributed.deploy.lost-worker-timeout") == "15s"  # scoped to the cluster
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # the host's environment is given back
 
 
 def test_worker_config_yaml_reaches_a_process_that_loads_it_as_dask_config(tmp_path):

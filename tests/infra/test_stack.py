@@ -43,8 +43,11 @@ def home(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_stack_up_status_down(home: Path) -> None:
+def test_stack_up_status_down(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from distributed import Client
+
+    # Inherited from an earlier Dask cluster in this process (or a shell): workers must not get it.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
 
     with_redis = shutil.which("redis-server") is not None  # .ci/run installs it
     state = stack_up(home=home, with_redis=with_redis, timeout_s=150)
