@@ -1,8 +1,9 @@
-"""Prefect deployments of the training pipeline, served by one long-running process (`mms deploy`).
+"""Prefect deployments, served by one long-running process (`mms deploy`).
 
 Two deployments of the `training-pipeline` flow: `digits-nightly` on a cron schedule with the
 parameters of examples/digits.yaml, and `manual` (no schedule) for runs started from the UI or
-`prefect deployment run`. Serving needs a real Prefect server (`mms stack up`): against
+`prefect deployment run`; and `batch-predict/manual` for batch prediction on demand.
+Serving needs a real Prefect server (`mms stack up`): against
 Prefect's temporary server the schedules and runs would vanish with the process.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from prefect.deployments.runner import EntrypointType
 
+from flows.batch_predict import batch_predict
 from flows.training_pipeline import training_pipeline
 from mms_core.errors import MMSError
 from mms_core.spec import load_spec
@@ -35,8 +37,8 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         cron: Cron expression of the nightly schedule (server time zone, UTC by default).
 
     Returns:
-        `[digits-nightly, manual]`: the first scheduled with `cron` and the spec's parameters,
-        the second unscheduled with the flow's default parameters.
+        `[training-pipeline/digits-nightly, training-pipeline/manual, batch-predict/manual]`: the
+        first scheduled with `cron` and the spec's parameters, the others unscheduled.
 
     Raises:
         SpecError: The spec file is unreadable or invalid.
@@ -60,7 +62,12 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         description="On-demand training run; set the spec in the UI form or with --params.",
         **common,
     )
-    return [nightly, manual]
+    predict = batch_predict.to_deployment(
+        MANUAL,
+        description="Batch prediction on Dask: a registered model (NAME@ALIAS) over a table (fsspec URI).",
+        **common,
+    )
+    return [nightly, manual, predict]
 
 
 def serve_deployments(

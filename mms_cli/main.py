@@ -81,6 +81,38 @@ def run(
 
 
 @app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="Registered model as NAME@ALIAS or NAME/VERSION.")],
+    input: Annotated[str, typer.Option("--input", help="CSV or Parquet at any fsspec URI.")],
+    output: Annotated[str, typer.Option("--output", help="Where to write the Parquet predictions.")],
+    id_column: Annotated[str | None, typer.Option(help="Input column copied to the output as 'id'.")] = None,
+    probabilities: Annotated[
+        bool, typer.Option(help="Also write one prob_<class> column per class.")
+    ] = False,
+) -> None:
+    """Batch prediction on Dask: every row of --input through --model, Parquet to --output."""
+    from mms_core.errors import MMSError
+
+    settings = _settings()
+    _use_stack_if_up(settings)
+    from flows.batch_predict import batch_predict
+
+    with console.status(f"predicting {input} with {model} on Dask..."):
+        try:
+            result = batch_predict(
+                model=model,
+                input_uri=input,
+                output_uri=output,
+                id_column=id_column,
+                probabilities=probabilities,
+            )
+        except MMSError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    console.print(f"{result.rows} rows predicted by {model} (v{result.model_version}) -> {result.output_uri}")
+
+
+@app.command()
 def deploy(
     spec: Annotated[
         Path | None, typer.Option(help="Spec for the scheduled deployment (default: examples/digits.yaml).")

@@ -14,7 +14,7 @@ class MMSClassifier(PythonModel):
     def load_context(self, context):
         from mms_core.packaging import Predictor
 
-        self.predictor = Predictor(directory=Path(context.artifacts["package"]))
+        self.predictor = Predictor.from_directory(Path(context.artifacts["package"]))
 
     def predict(self, context, model_input, params=None):
         return self.predictor.predict(model_input)

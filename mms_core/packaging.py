@@ -61,19 +61,35 @@ def build_from_bytes(*, config: PackageConfig, weights: bytes) -> nn.Module:
 
 
 class Predictor:
-    """Scales raw feature rows with the training stats and returns class labels."""
+    """Scales raw feature rows with the training stats and returns class labels (or probabilities)."""
 
-    def __init__(self, *, directory: Path) -> None:
-        self.config = PackageConfig.model_validate(json.loads((directory / CONFIG).read_text()))
-        self.model = build_from_bytes(config=self.config, weights=(directory / WEIGHTS).read_bytes())
-        self._mean = np.asarray(self.config.mean, dtype=np.float32)
-        self._std = np.asarray(self.config.std, dtype=np.float32)
+    def __init__(self, *, config: PackageConfig, weights: bytes) -> None:
+        self.config = config
+        self.model = build_from_bytes(config=config, weights=weights)
+        self._mean = np.asarray(config.mean, dtype=np.float32)
+        self._std = np.asarray(config.std, dtype=np.float32)
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> Predictor:
+        config = PackageConfig.model_validate(json.loads((directory / CONFIG).read_text()))
+        return cls(config=config, weights=(directory / WEIGHTS).read_bytes())
+
+    def check_columns(self, columns: list[str]) -> None:
+        missing = [c for c in self.config.features if c not in columns]
+        if missing:
+            raise ValueError(
+                f"input is missing {len(missing)} feature column(s) the model needs, e.g. {missing[:5]}; "
+                f"expected columns: {self.config.features[:5]}..."
+            )
 
     @torch.no_grad()
-    def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        missing = [c for c in self.config.features if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input is missing feature column(s) {missing[:5]}")
+    def logits(self, frame: pd.DataFrame) -> torch.Tensor:
+        self.check_columns(list(frame.columns))
         x = (frame[self.config.features].to_numpy(dtype=np.float32) - self._mean) / self._std
-        idx = self.model(torch.from_numpy(np.ascontiguousarray(x))).argmax(1).numpy()
-        return np.asarray(self.config.classes)[idx]
+        return self.model(torch.from_numpy(np.ascontiguousarray(x)))
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.asarray(self.config.classes)[self.logits(frame).argmax(1).numpy()]
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return torch.softmax(self.logits(frame), dim=1).numpy()

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from mms_core.errors import ModelLoadError
 from mms_core.packaging import PackageConfig, Predictor, write_package
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -90,7 +91,7 @@ def register_package(
         return existing
     with tempfile.TemporaryDirectory() as tmp:
         package = write_package(directory=Path(tmp) / "package", config=config, weights=weights)
-        predictions = Predictor(directory=package).predict(example)
+        predictions = Predictor.from_directory(package).predict(example)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=f"model-{tags[TAG_VARIANT]}",
@@ -143,3 +144,31 @@ def run_tags(*, tracking_uri: str, run_id: str, prefix: str) -> dict[str, str]:
     """The run's tags whose names start with ``prefix`` (lineage: manifest/spec hash, commit, flow run)."""
     tags = client(tracking_uri=tracking_uri).get_run(run_id).data.tags
     return {k: v for k, v in tags.items() if k.startswith(prefix)}
+
+
+def load_package(*, tracking_uri: str, model: str) -> tuple[PackageConfig, bytes, str]:
+    """Read a registered model's package by ``NAME@ALIAS`` or ``NAME/VERSION``.
+
+    Returns (config, weights bytes, version). Raises ModelLoadError naming what was not found.
+    """
+    name, sep, ref = model.removeprefix("models:/").partition("@")
+    if not sep:
+        name, _, ref = model.removeprefix("models:/").partition("/")
+    if not name or not ref:
+        raise ModelLoadError(
+            f"model {model!r} must look like NAME@ALIAS or NAME/VERSION (e.g. digits-classifier@champion)"
+        )
+    c = client(tracking_uri=tracking_uri)
+    try:
+        version = c.get_model_version_by_alias(name, ref) if sep else c.get_model_version(name, ref)
+    except MlflowException as exc:
+        raise ModelLoadError(f"no registered model {model!r} in {tracking_uri}: {exc.message}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp
+            )
+        )
+        package = local / "artifacts" / "package"
+        config = PackageConfig.model_validate_json((package / "mms_model.json").read_text())
+        return config, (package / "weights.safetensors").read_bytes(), str(version.version)

@@ -265,7 +265,7 @@ def test_champion_loads_as_pyfunc_from_code_and_matches_predictor(flow, data, tm
         config=PackageConfig.from_manifest(manifest, model=MLP, format="fp32"),
         weights=Path(data["trained"]).read_bytes(),
     )
-    expected = Predictor(directory=pkg).predict(df)
+    expected = Predictor.from_directory(pkg).predict(df)
     assert pred.tolist() == expected.tolist()
     assert (pred == y).mean() > 0.85
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -40,6 +42,39 @@ def test_mms_run_default_digits_spec_registers_champion(tmp_path):
     versions = client.search_model_versions("name='digits-classifier'")
     assert sorted(v.tags["mms.variant"] for v in versions) == ["fp32", "int8"]
 
+    # Batch prediction with the champion, through the CLI: the same answers as the registered model.
+    from sklearn.datasets import load_digits
+
+    from mms_core.packaging import Predictor
+    from mms_core.registry import load_package
+
+    digits = load_digits()
+    rows = pd.DataFrame(digits.data.astype(np.float32), columns=[f"pixel_{i}" for i in range(64)])
+    rows.insert(0, "image_id", range(len(rows)))
+    rows.to_parquet(tmp_path / "digits.parquet", index=False)
+    out = tmp_path / "predictions"
+    proc = _mms(
+        "predict",
+        "--model",
+        "digits-classifier@champion",
+        "--input",
+        str(tmp_path / "digits.parquet"),
+        "--output",
+        str(out),
+        "--id-column",
+        "image_id",
+        home=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = pd.read_parquet(out)
+    config, weights, version = load_package(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", model="digits-classifier@champion"
+    )
+    assert version == str(champion.version)
+    assert got["id"].tolist() == list(range(len(rows)))
+    assert (got["prediction"].to_numpy() == Predictor(config=config, weights=weights).predict(rows)).all()
+    assert (got["prediction"].to_numpy() == digits.target).mean() > 0.95
+
 
 def test_mms_run_rejects_a_bad_override_with_exit_code_2(tmp_path):
     proc = _mms("run", "--set", "training.epochs=-1", home=tmp_path, timeout=120)
@@ -58,3 +93,21 @@ def test_every_command_has_help():
     ):
         proc = subprocess.run([MMS, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "Usage" in proc.stdout, args
+
+
+def test_mms_predict_names_an_unknown_model(tmp_path):
+    (tmp_path / "in.csv").write_text("a,b\n1,2\n")
+    proc = _mms(
+        "predict",
+        "--model",
+        "nope@champion",
+        "--input",
+        str(tmp_path / "in.csv"),
+        "--output",
+        str(tmp_path / "out"),
+        home=tmp_path,
+        timeout=200,
+    )
+    assert proc.returncode == 1
+    assert "no registered model 'nope@champion'" in proc.stdout
+    assert not (tmp_path / "out").exists()
