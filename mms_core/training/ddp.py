@@ -36,6 +36,9 @@ def run_ddp(
         client: a connected Dask client (built by the caller).
         job: the training job; ``job.train.world_size`` ranks (default: all workers).
         on_event: called in this thread with each metrics event from rank 0.
+
+    Workers that already hosted a rank are restarted first. A caller that reuses one LocalCluster
+    for several jobs must raise ``distributed.deploy.lost-worker-timeout`` (infra.cluster does).
     """
     _ensure_fresh_workers(client)
     workers = sorted(client.scheduler_info()["workers"])
