@@ -54,8 +54,7 @@ def run(
     from mms_core.errors import MMSError
     from mms_core.spec import load_spec
 
-    settings = _settings()
-    using_stack = _use_stack_if_up(settings)
+    using_stack = _use_stack_if_up(_settings())
     path = spec if spec is not None else (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None)
     try:
         pipeline_spec = load_spec(path, overrides=set_ or [])
@@ -64,7 +63,7 @@ def run(
         raise typer.Exit(2) from None
     from mms_core.config import Settings
 
-    settings = Settings()  # re-read: the stack may have set MMS_* variables
+    settings = Settings()  # after the stack may have set MMS_* variables
     console.print(
         f"[bold]mms run[/bold] {path or '(defaults)'}  home={settings.home}  "
         f"{'stack' if using_stack else 'embedded'} mode"

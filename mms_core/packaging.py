@@ -51,6 +51,12 @@ def write_package(*, directory: Path, config: PackageConfig, weights: bytes) -> 
     return directory
 
 
+def read_package(directory: Path) -> tuple[PackageConfig, bytes]:
+    """The (config, weights) that :func:`write_package` stored in ``directory``."""
+    config = PackageConfig.model_validate(json.loads((directory / CONFIG).read_text()))
+    return config, (directory / WEIGHTS).read_bytes()
+
+
 def build_from_bytes(*, config: PackageConfig, weights: bytes) -> nn.Module:
     """Rebuild the network from config and load its weights (int8 packages get int8 kernels)."""
     model = build_model(spec=config.model, in_features=len(config.features), n_classes=len(config.classes))
@@ -71,8 +77,8 @@ class Predictor:
 
     @classmethod
     def from_directory(cls, directory: Path) -> Predictor:
-        config = PackageConfig.model_validate(json.loads((directory / CONFIG).read_text()))
-        return cls(config=config, weights=(directory / WEIGHTS).read_bytes())
+        config, weights = read_package(directory)
+        return cls(config=config, weights=weights)
 
     def check_columns(self, columns: list[str]) -> None:
         missing = [c for c in self.config.features if c not in columns]

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from mms_core.errors import ModelLoadError
-from mms_core.packaging import PackageConfig, Predictor, write_package
+from mms_core.packaging import PackageConfig, Predictor, read_package, write_package
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 TAG_VARIANT = "mms.variant"
@@ -169,6 +169,5 @@ def load_package(*, tracking_uri: str, model: str) -> tuple[PackageConfig, bytes
                 artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp
             )
         )
-        package = local / "artifacts" / "package"
-        config = PackageConfig.model_validate_json((package / "mms_model.json").read_text())
-        return config, (package / "weights.safetensors").read_bytes(), str(version.version)
+        config, weights = read_package(local / "artifacts" / "package")  # where log_model puts `artifacts`
+        return config, weights, str(version.version)

@@ -19,6 +19,7 @@ from mms_core.data.ingest import DataSpec, IngestResult, load_source, snapshot
 from mms_core.data.shard import load_manifest, read_shard
 from mms_core.evaluate import EvalResult, evaluate, gate
 from mms_core.models import ModelSpec, build_model
+from mms_core.models.zoo import resolve_builder
 from mms_core.packaging import PackageConfig
 from mms_core.spec import PipelineSpec
 from mms_core.training.checkpoint import state_bytes
@@ -42,13 +43,10 @@ def ingest(*, spec: DataSpec, root: str) -> IngestResult:
     return snapshot(df=load_source(spec=spec), label=spec.label, root=root)
 
 
-def check_model(*, spec: ModelSpec, in_features: int = 64, n_classes: int = 10) -> int:
-    """Build the model once on the caller's side so a bad model path fails before any work.
-
-    Returns the parameter count.
-    """
-    model = build_model(spec=spec, in_features=in_features, n_classes=n_classes)
-    return sum(p.numel() for p in model.parameters())
+def check_model(*, spec: ModelSpec) -> None:
+    """Resolve the model's builder on the caller's side, so a bad zoo name or import path fails
+    before any work. Building it needs the data's sizes; that happens in training."""
+    resolve_builder(spec.name)
 
 
 def load_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str) -> torch.nn.Module:
