@@ -88,11 +88,18 @@ class Predictor:
                 f"expected columns: {self.config.features[:5]}..."
             )
 
-    @torch.no_grad()
     def logits(self, frame: pd.DataFrame) -> torch.Tensor:
         self.check_columns(list(frame.columns))
-        x = (frame[self.config.features].to_numpy(dtype=np.float32) - self._mean) / self._std
-        return self.model(torch.from_numpy(np.ascontiguousarray(x)))
+        return self.logits_array(frame[self.config.features].to_numpy(dtype=np.float32))
+
+    @torch.no_grad()
+    def logits_array(self, x: np.ndarray) -> torch.Tensor:
+        """Logits for raw rows already in feature order (float32, shape [rows, features])."""
+        return self.model(torch.from_numpy(np.ascontiguousarray((x - self._mean) / self._std)))
+
+    def predict_array(self, x: np.ndarray) -> np.ndarray:
+        """Class labels for raw rows in feature order: the online and streaming paths (no pandas)."""
+        return np.asarray(self.config.classes)[self.logits_array(x).argmax(1).numpy()]
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         return np.asarray(self.config.classes)[self.logits(frame).argmax(1).numpy()]

@@ -1,0 +1,116 @@
+"""Fixtures for the serving tests: a small trained digits package, a real LocalCluster, and a real
+redis-server on a free loopback port (started and stopped here)."""
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+import torch
+from distributed import Client, LocalCluster
+from safetensors.torch import save as st_save
+from sklearn.datasets import load_digits
+
+from mms_core.models import ModelSpec, build_model
+from mms_core.packaging import PackageConfig
+
+FEATURES = [f"pixel_{i}" for i in range(64)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_digits_package(*, seed: int = 0, epochs: int = 30) -> tuple[PackageConfig, bytes]:
+    """A digits MLP trained for a few full-batch epochs: real, distinct predictions in ~1 s."""
+    digits = load_digits()
+    mean, std = digits.data.mean(0), digits.data.std(0) + 1
+    x = torch.tensor((digits.data - mean) / std, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(seed)
+    model = build_model(spec=ModelSpec(), in_features=64, n_classes=10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    config = PackageConfig(
+        format="fp32",
+        model=ModelSpec(),
+        features=FEATURES,
+        classes=list(range(10)),
+        mean=mean.tolist(),
+        std=std.tolist(),
+    )
+    return config, st_save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+@pytest.fixture(scope="session")
+def digits_package() -> tuple[PackageConfig, bytes]:
+    return train_digits_package()
+
+
+@pytest.fixture(scope="session")
+def digits_rows() -> np.ndarray:
+    return load_digits().data.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Client]:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free loopback port (`.ci/run` installs redis-server)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does this)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
