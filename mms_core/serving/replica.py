@@ -1,0 +1,38 @@
+"""One model replica: a Dask actor holding a built Predictor on a worker.
+
+The router batches requests before they get here (one Dask message per batch, not per request),
+so the replica only runs forward passes. Sync methods run in the worker's single actor thread:
+one forward pass at a time per replica, never on the worker's event loop; ``health`` is async,
+so it answers at once even while a long batch runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from mms_core.packaging import PackageConfig, Predictor
+
+
+class Replica:
+    """Built once on its worker; lives until the router releases its future."""
+
+    def __init__(self, config_json: str, weights: bytes, version: str) -> None:
+        self.version = version
+        self.predictor = Predictor(config=PackageConfig.model_validate_json(config_json), weights=weights)
+        self.batches = 0
+        self.rows = 0
+        self.started = time.time()
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Labels for a batch of rows, and the forward pass's compute time in ms."""
+        t0 = time.perf_counter()
+        labels = self.predictor.predict_array(x)
+        self.batches += 1
+        self.rows += len(x)
+        return labels, (time.perf_counter() - t0) * 1e3
+
+    async def health(self) -> dict[str, float | int | str]:
+        return {"version": self.version, "pid": os.getpid(), "batches": self.batches, "rows": self.rows}
