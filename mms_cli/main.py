@@ -8,37 +8,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from mms_cli.common import console, settings_from_env, use_stack_if_up
 from mms_cli.progress import PipelineProgress, summary_table
+from mms_cli.serving import keys_app, serve, usage
 
 app = typer.Typer(help="MMS: train, compress, register and serve PyTorch models.", no_args_is_help=True)
 stack_app = typer.Typer(
     help="Start, inspect and stop the local stack (Prefect, MLflow, Dask, Redis) on 127.0.0.1."
 )
 app.add_typer(stack_app, name="stack")
-console = Console()
+app.add_typer(keys_app, name="keys")
+app.command()(serve)
+app.command()(usage)
 DEFAULT_SPEC = Path("examples/digits.yaml")
-
-
-def _settings():
-    from mms_core.config import Settings, prefect_env
-
-    settings = Settings()
-    os.environ.update(prefect_env(settings))  # before prefect is imported
-    return settings
-
-
-def _use_stack_if_up(settings) -> bool:
-    """Point this process at `mms stack up`'s servers, unless the environment already chose."""
-    from infra.stack import stack_env, stack_status
-
-    state = stack_status(home=settings.home)
-    if state is None or not state.all_alive:
-        return False
-    for key, value in stack_env(state).items():
-        os.environ.setdefault(key, value)
-    return True
 
 
 @app.command()
@@ -54,7 +37,7 @@ def run(
     from mms_core.errors import MMSError
     from mms_core.spec import load_spec
 
-    using_stack = _use_stack_if_up(_settings())
+    using_stack = use_stack_if_up(settings_from_env())
     path = spec if spec is not None else (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None)
     try:
         pipeline_spec = load_spec(path, overrides=set_ or [])
@@ -92,8 +75,8 @@ def predict(
     """Batch prediction on Dask: every row of --input through --model, Parquet to --output."""
     from mms_core.errors import MMSError
 
-    settings = _settings()
-    _use_stack_if_up(settings)
+    settings = settings_from_env()
+    use_stack_if_up(settings)
     from flows.batch_predict import batch_predict
 
     with console.status(f"predicting {input} with {model} on Dask..."):
@@ -121,8 +104,8 @@ def deploy(
     ] = "0 2 * * *",
 ) -> None:
     """Serve the flows as Prefect deployments (needs `mms stack up` or PREFECT_API_URL); blocks."""
-    settings = _settings()
-    _use_stack_if_up(settings)
+    settings = settings_from_env()
+    use_stack_if_up(settings)
     from flows.deploy import serve_deployments
 
     serve_deployments(spec_path=spec, cron=cron)
@@ -135,7 +118,7 @@ def stack_up_cmd(
     """Start Prefect server, MLflow server, Dask scheduler + 2 workers (and Redis) on 127.0.0.1."""
     from infra.stack import StackError, stack_env, stack_up
 
-    settings = _settings()
+    settings = settings_from_env()
     with console.status("starting the local stack (Prefect, MLflow, Dask, Redis)..."):
         try:
             state = stack_up(home=settings.home, with_redis=redis)
@@ -153,7 +136,7 @@ def stack_status_cmd() -> None:
     """Show the recorded stack and whether each component answers."""
     from infra.stack import stack_status
 
-    state = stack_status(home=_settings().home)
+    state = stack_status(home=settings_from_env().home)
     if state is None:
         console.print("no stack recorded (start one with `mms stack up`)")
         raise typer.Exit(1)
@@ -165,7 +148,7 @@ def stack_down_cmd() -> None:
     """Stop exactly the processes `mms stack up` started."""
     from infra.stack import stack_down
 
-    stopped = stack_down(home=_settings().home)
+    stopped = stack_down(home=settings_from_env().home)
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 

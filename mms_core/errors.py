@@ -23,3 +23,7 @@ class SpecError(MMSError):
 
 class TrainingError(MMSError):
     """Distributed training could not run (no workers, a rank failed, a timeout)."""
+
+
+class MeteringError(MMSError):
+    """An API key or quota setting is invalid, or the metering database cannot be used."""

@@ -18,7 +18,7 @@ from mms_core.serving.config import ServeConfig
 from mms_core.serving.metering import KeyStore, UsageMeter
 
 
-def metering_db(home: Path) -> Path:
+def metering_path(home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     return home / "metering.db"
 
@@ -33,7 +33,7 @@ def build_server(
     """
     package, weights, version = registry.load_package(tracking_uri=tracking_uri, model=model)
     name = model.removeprefix("models:/").split("@")[0].split("/")[0]
-    db = metering_db(home)
+    db = metering_path(home)
     app = create_app(
         config=config,
         model=ServedModel(name=name, version=version, package=package, weights=weights),

@@ -114,3 +114,27 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def register_digits(*, tracking_uri: str, artifact_root: str, seed: int, alias: str | None) -> str:
+    """Register a trained digits package as `digits-classifier` (a real MLflow store); returns the version."""
+    import pandas as pd
+
+    from mms_core import registry
+
+    config, weights = train_digits_package(seed=seed)
+    exp = registry.ensure_experiment(
+        tracking_uri=tracking_uri, name="serving-tests", artifact_root=artifact_root
+    )
+    run_id = registry.start_run(
+        tracking_uri=tracking_uri, experiment_id=exp, run_name=f"seed-{seed}", tags={}, params={}
+    )
+    example = pd.DataFrame(load_digits().data[:3].astype(np.float32), columns=FEATURES)
+    version = registry.register_package(
+        tracking_uri=tracking_uri, run_id=run_id, name="digits-classifier", config=config, weights=weights,
+        example=example, tags={registry.TAG_VARIANT: "fp32"},
+    )  # fmt: skip
+    registry.end_run(tracking_uri=tracking_uri, run_id=run_id)
+    if alias:
+        registry.set_alias(tracking_uri=tracking_uri, name="digits-classifier", alias=alias, version=version)
+    return version

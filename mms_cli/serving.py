@@ -1,0 +1,154 @@
+"""`mms serve`, `mms keys ...`, `mms usage`: the online server and what it bills. Heavy imports
+stay inside the commands (see main.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mms_cli.common import console, settings_from_env, use_stack_if_up
+
+keys_app = typer.Typer(help="Issue, list and revoke API keys for the online server (stored hashed).")
+
+
+def serve(
+    model: Annotated[str, typer.Option(help="Registered model as NAME@ALIAS or NAME/VERSION.")],
+    replicas: Annotated[int | None, typer.Option(help="Model replicas on the Dask workers.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (beyond loopback needs API keys).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass at most.")] = None,
+    require_key: Annotated[
+        bool | None, typer.Option("--require-key/--no-require-key", help="Default: only beyond loopback.")
+    ] = None,
+) -> None:
+    """Online HTTP server: replicas on Dask, load-balanced, dynamic batching; Ctrl-C/SIGTERM drains."""
+    from pydantic import ValidationError
+
+    from mms_core.errors import MMSError
+    from mms_core.serving.config import ServeConfig
+
+    settings = settings_from_env()
+    use_stack_if_up(settings)
+    chosen = {"replicas": replicas, "host": host, "port": port, "max_batch_size": max_batch_size}
+    try:
+        config = ServeConfig(require_key=require_key, **{k: v for k, v in chosen.items() if v is not None})
+    except ValidationError as exc:
+        console.print(f"[red]error:[/red] {exc.errors()[0]['msg']}")
+        raise typer.Exit(2) from None
+    from infra.cluster import dask_client
+    from mms_core.config import Settings
+    from mms_core.serving.server import build_server
+
+    settings = Settings()  # after the stack may have set MMS_* variables
+    with dask_client(settings) as client:
+        try:
+            server = build_server(
+                config=config, model=model, tracking_uri=settings.tracking_uri,
+                scheduler_address=client.scheduler.address, home=settings.home,
+            )  # fmt: skip
+        except MMSError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+        console.print(
+            f"serving {model} with {config.replicas} replica(s) on http://{config.host}:{config.port} "
+            f"(docs /docs, metrics /metrics; API keys {'required' if config.auth_required else 'optional'})"
+        )
+        server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Who is billed for this key's usage.")],
+    quota_rows_per_min: Annotated[int | None, typer.Option(help="Rows per minute; 429 beyond.")] = None,
+    admin: Annotated[bool, typer.Option(help="May call the /admin API (rollouts).")] = False,
+) -> None:
+    """Issue an API key; the key is shown once and stored only as a hash."""
+    from mms_core.errors import MMSError
+    from mms_core.serving.metering import KeyStore
+    from mms_core.serving.server import metering_path
+
+    try:
+        token, key = KeyStore(path=metering_path(settings_from_env().home)).create(
+            tenant=tenant, admin=admin, quota_rows_per_min=quota_rows_per_min
+        )
+    except MMSError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"key {key.key_id} for tenant {key.tenant} (shown once, keep it safe):")
+    print(token)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (k_...), from `mms keys list`.")],
+) -> None:
+    """Revoke a key; servers refuse it (403) within seconds."""
+    from mms_core.errors import MMSError
+    from mms_core.serving.metering import KeyStore
+    from mms_core.serving.server import metering_path
+
+    try:
+        key = KeyStore(path=metering_path(settings_from_env().home)).revoke(key_id=key_id)
+    except MMSError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"revoked {key.key_id} (tenant {key.tenant})")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (ids, tenants, quotas; never the secrets)."""
+    from rich.table import Table
+
+    from mms_core.serving.metering import KeyStore
+    from mms_core.serving.server import metering_path
+
+    table = Table("key id", "tenant", "admin", "quota rows/min", "created", "revoked")
+    for k in KeyStore(path=metering_path(settings_from_env().home)).list():
+        table.add_row(
+            k.key_id, k.tenant, "yes" if k.admin else "", str(k.quota_rows_per_min or "-"),
+            k.created.strftime("%Y-%m-%d %H:%M"), "yes" if k.revoked else "",
+        )  # fmt: skip
+    console.print(table)
+
+
+def usage(
+    since: Annotated[str, typer.Option(help="Start date/time, ISO 8601 (UTC), e.g. 2026-11-01.")],
+    until: Annotated[str | None, typer.Option(help="End (exclusive), ISO 8601 (UTC).")] = None,
+    price_per_1k_rows: Annotated[
+        float | None, typer.Option(help="Default: MMS_SERVE_PRICE_PER_1K_ROWS.")
+    ] = None,
+) -> None:
+    """Usage per API key and model version (requests, rows, compute) with its price."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    from mms_core.serving.config import ServeConfig
+    from mms_core.serving.metering import usage_report
+    from mms_core.serving.server import metering_path
+
+    def when(text: str) -> datetime:
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            console.print(f"[red]error:[/red] {text!r} is not an ISO date, e.g. 2026-11-01T08:00")
+            raise typer.Exit(2) from None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    price = price_per_1k_rows if price_per_1k_rows is not None else ServeConfig().price_per_1k_rows
+    rows = usage_report(
+        path=metering_path(settings_from_env().home), since=when(since), until=when(until) if until else None,
+        price_per_1k_rows=price,
+    )  # fmt: skip
+    table = Table("tenant", "key", "model", "version", "requests", "rows", "compute ms", f"cost @{price}/1k")
+    for r in rows:
+        table.add_row(
+            r.tenant, r.key_id, r.model, r.version, str(r.requests), str(r.rows),
+            f"{r.compute_ms:.1f}", f"{r.cost:.4f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"total: {sum(r.rows for r in rows)} rows, {sum(r.cost for r in rows):.4f}")
