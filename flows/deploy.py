@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from prefect.deployments.runner import EntrypointType
 
 from flows.batch_predict import batch_predict
+from flows.serving_rollout import serving_rollout
 from flows.training_pipeline import training_pipeline
 from mms_core.errors import MMSError
 from mms_core.spec import load_spec
@@ -37,8 +38,9 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         cron: Cron expression of the nightly schedule (server time zone, UTC by default).
 
     Returns:
-        `[training-pipeline/digits-nightly, training-pipeline/manual, batch-predict/manual]`: the
-        first scheduled with `cron` and the spec's parameters, the others unscheduled.
+        `[training-pipeline/digits-nightly, training-pipeline/manual, batch-predict/manual,
+        serving-rollout/manual]`: the first scheduled with `cron` and the spec's parameters, the
+        others unscheduled.
 
     Raises:
         SpecError: The spec file is unreadable or invalid.
@@ -67,7 +69,12 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         description="Batch prediction on Dask: a registered model (NAME@ALIAS) over a table (fsspec URI).",
         **common,
     )
-    return [nightly, manual, predict]
+    rollout = serving_rollout.to_deployment(
+        MANUAL,
+        description="Canary rollout of a registered version to a running `mms serve`: promote or roll back.",
+        **common,
+    )
+    return [nightly, manual, predict, rollout]
 
 
 def serve_deployments(

@@ -26,7 +26,7 @@ FAST = ["training.epochs=2", "evaluate.min_accuracy=0.0", "registry.experiment=t
 
 
 def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
-    nightly, manual, predict = deployments(cron="30 3 * * 1")
+    nightly, manual, predict, rollout = deployments(cron="30 3 * * 1")
 
     assert (nightly.name, manual.name) == (NIGHTLY, MANUAL) == ("digits-nightly", "manual")
     assert nightly.flow_name == manual.flow_name == "training-pipeline"
@@ -40,6 +40,8 @@ def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
     assert nightly.entrypoint == "flows.training_pipeline.training_pipeline"
     assert (predict.flow_name, predict.name, predict.schedules) == ("batch-predict", "manual", [])
     assert predict.entrypoint == "flows.batch_predict.batch_predict"
+    assert (rollout.flow_name, rollout.name, rollout.schedules) == ("serving-rollout", "manual", [])
+    assert rollout.entrypoint == "flows.serving_rollout.serving_rollout"
 
 
 def test_serve_refuses_to_run_without_a_prefect_server(tmp_path: Path) -> None:

@@ -4,13 +4,17 @@ redis-server on a free loopback port (started and stopped here)."""
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import httpx
 import numpy as np
 import pytest
 import redis
 import torch
+import uvicorn
 from distributed import Client, LocalCluster
 from safetensors.torch import save as st_save
 from sklearn.datasets import load_digits
@@ -138,3 +142,35 @@ def register_digits(*, tracking_uri: str, artifact_root: str, seed: int, alias: 
     if alias:
         registry.set_alias(tracking_uri=tracking_uri, name="digits-classifier", alias=alias, version=version)
     return version
+
+
+@contextmanager
+def running_server(app, port: int | None = None) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on 127.0.0.1:``port`` until it is /ready; yield its URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError("server did not become ready")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """``with serve_app(app) as url:`` runs a FastAPI app on a free loopback port until /ready."""
+    return running_server

@@ -9,48 +9,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pandas as pd
 import pytest
-import uvicorn
 
 from mms_core.packaging import Predictor
 from mms_core.serving.app import ServedModel, create_app
 from mms_core.serving.config import ServeConfig
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(app, port: int) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("server did not become ready")
-        time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -63,7 +29,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(dask_client, digits_package) -> Iterator[str]:
+def server(dask_client, digits_package, serve_app) -> Iterator[str]:
     config, weights = digits_package
     app = create_app(
         config=ServeConfig(replicas=2, max_wait_ms=5, health_interval_s=0.3, health_timeout_s=2),
@@ -72,7 +38,7 @@ def server(dask_client, digits_package) -> Iterator[str]:
         keys=None,
         meter=None,
     )
-    with running(app, _free_port()) as url:
+    with serve_app(app) as url:
         yield url
 
 
@@ -157,7 +123,9 @@ def test_bad_input_matrix_gets_json_errors_and_replicas_survive(server, digits_r
     assert httpx.post(url, json={"inputs": [row]}).status_code == 200  # nothing reached a replica badly
 
 
-def test_killed_replica_is_routed_around_without_failed_requests(dask_client, digits_package, digits_rows):
+def test_killed_replica_is_routed_around_without_failed_requests(
+    dask_client, digits_package, digits_rows, serve_app
+):
     config, weights = digits_package
     app = create_app(
         config=ServeConfig(replicas=2, health_interval_s=0.2, health_timeout_s=1, request_timeout_s=5),
@@ -167,7 +135,7 @@ def test_killed_replica_is_routed_around_without_failed_requests(dask_client, di
         meter=None,
     )
     expected = Predictor(config=config, weights=weights).predict_array(digits_rows[:8]).tolist()
-    with running(app, _free_port()) as url:
+    with serve_app(app) as url:
         replicas = httpx.get(f"{url}/health").json()["replicas"]
         pids = dask_client.run(os.getpid)
         stop = threading.Event()
