@@ -93,7 +93,7 @@ class ReplicaState:
 class VersionPool:
     version: str
     package: PackageConfig
-    weights: Future
+    weights: bytes
     wanted: int
     share: float
     replicas: list[ReplicaState] = field(default_factory=list)
@@ -128,11 +128,11 @@ class Router:
                     f"version {version} takes different features than version {other.version}; "
                     "a rollout must keep the input schema (serve it under another name)"
                 )
-        scattered = await self.client.scatter(weights, hash=False)
-        pool = VersionPool(version=version, package=package, weights=scattered, wanted=replicas, share=0.0)
+        pool = VersionPool(version=version, package=package, weights=weights, wanted=replicas, share=0.0)
         self.pools[version] = pool
         try:
-            states = await asyncio.gather(*(self._spawn(pool) for _ in range(replicas)))
+            workers = await self._placement(replicas)
+            states = await asyncio.gather(*(self._spawn(pool, w) for w in workers))
         except Exception as exc:
             del self.pools[version]
             raise MMSError(f"version {version} failed to load on the workers: {exc}") from exc
@@ -270,16 +270,19 @@ class Router:
             start += n
 
     # ---- replicas -------------------------------------------------------------------------
-    async def _spawn(self, pool: VersionPool) -> ReplicaState:
+    async def _spawn(self, pool: VersionPool, worker: str) -> ReplicaState:
         rid = f"{self.name}-v{pool.version}-{uuid.uuid4().hex[:6]}"
+        # Scattered per replica, not once per version: a copy held by a worker that dies would
+        # take every later replacement down with it ("lost dependencies").
+        weights = await self.client.scatter(pool.weights, hash=False, workers=[worker])
         future = self.client.submit(
             Replica,
             pool.package.model_dump_json(),
-            pool.weights,
+            weights,
             pool.version,
             actor=True,
             key=rid,
-            workers=[await self._least_used_worker()],
+            workers=[worker],
             allow_other_workers=True,
         )
         actor = await future
@@ -288,20 +291,26 @@ class Router:
         log.info("replica %s loaded on %s", rid, getattr(actor, "_address", "?"))
         return state
 
-    async def _least_used_worker(self) -> str:
+    async def _placement(self, n: int) -> list[str]:
+        """Workers for ``n`` new replicas: the least used first, so replicas spread over workers."""
         # An asynchronous client's scheduler_info() is a cache without workers: ask the scheduler.
         workers = list((await self.client.scheduler.identity(n_workers=-1))["workers"])
         if not workers:
             raise MMSError(
                 "the Dask cluster has no workers; start some (`mms stack up`) or check the address"
             )
-        used = {w: 0 for w in workers}
+        used = dict.fromkeys(workers, 0)
         for pool in self.pools.values():
             for r in pool.replicas:
                 address = getattr(r.actor, "_address", None)
                 if address in used:
                     used[address] += 1
-        return min(workers, key=lambda w: (used[w], random.random()))
+        chosen = []
+        for _ in range(n):
+            worker = min(workers, key=lambda w: (used[w], random.random()))
+            used[worker] += 1
+            chosen.append(worker)
+        return chosen
 
     def _fail(self, r: ReplicaState, why: str, *, retry: list[_Pending] = ()) -> None:
         """Take ``r`` out, retry its requests elsewhere, and start a replacement."""
@@ -332,7 +341,7 @@ class Router:
     async def _replace(self, pool: VersionPool) -> None:
         for attempt in range(5):
             try:
-                state = await self._spawn(pool)
+                state = await self._spawn(pool, (await self._placement(1))[0])
             except Exception as exc:
                 log.warning("replacement replica for v%s failed (%s); retrying", pool.version, exc)
                 await asyncio.sleep(2**attempt)
@@ -368,8 +377,9 @@ class Router:
     # ---- status and shutdown ----------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        active = [p for p in self.pools.values() if not p.removing]
-        return bool(active) and all(p.loaded and any(r.healthy for r in p.replicas) for p in active)
+        # A canary still loading does not make the server unready: its traffic share is still 0.
+        active = [p for p in self.pools.values() if p.loaded and not p.removing]
+        return bool(active) and all(any(r.healthy for r in p.replicas) for p in active)
 
     def record(self, version: str, latency_ms: float, ok: bool) -> None:
         pool = self.pools.get(version)

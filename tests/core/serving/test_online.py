@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,7 @@ import pytest
 from mms_core.packaging import Predictor
 from mms_core.serving.app import ServedModel, create_app
 from mms_core.serving.config import ServeConfig
+from mms_core.serving.metering import KeyStore
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -121,6 +123,59 @@ def test_bad_input_matrix_gets_json_errors_and_replicas_survive(server, digits_r
     assert unknown.status_code == 404 and "digits" in unknown.json()["error"]["message"]
     assert httpx.get(f"{server}/nope").json()["error"]["code"] == "http_error"
     assert httpx.post(url, json={"inputs": [row]}).status_code == 200  # nothing reached a replica badly
+
+
+def test_full_queues_answer_503_with_retry_after(dask_client, digits_package, digits_rows, serve_app):
+    config, weights = digits_package
+    app = create_app(
+        # One replica whose queue holds one 64-row request: a burst must be shed, not queued.
+        config=ServeConfig(replicas=1, max_queue_rows=64, max_batch_size=64, max_inflight_batches=1),
+        model=ServedModel(name="digits", version="1", package=config, weights=weights),
+        scheduler_address=dask_client.scheduler.address,
+        keys=None,
+        meter=None,
+    )
+    body = {"inputs": digits_rows[:64].tolist()}
+    with serve_app(app) as url, httpx.Client(limits=httpx.Limits(max_connections=24), timeout=30) as http:
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda _: http.post(f"{url}/invocations", json=body), range(240)))
+        codes = Counter(r.status_code for r in responses)
+        assert set(codes) <= {200, 503} and codes[200] > 0 and codes[503] > 0, codes
+        shed = next(r for r in responses if r.status_code == 503)
+        assert int(shed.headers["Retry-After"]) >= 1
+        assert shed.json()["error"]["code"] == "overloaded"
+        assert http.post(f"{url}/invocations", json=body).status_code == 200  # recovers once the burst ends
+
+
+def test_keys_guard_predictions_and_the_admin_api(
+    dask_client, digits_package, digits_rows, serve_app, tmp_path
+):
+    config, weights = digits_package
+    keys = KeyStore(path=tmp_path / "metering.db")
+    user, _ = keys.create(tenant="acme")
+    admin, _ = keys.create(tenant="ops", admin=True)
+    app = create_app(
+        config=ServeConfig(replicas=1, require_key=True),
+        model=ServedModel(name="digits", version="1", package=config, weights=weights),
+        scheduler_address=dask_client.scheduler.address,
+        keys=keys,
+        meter=None,
+    )
+    body = {"inputs": digits_rows[:2].tolist()}
+    with serve_app(app) as url:
+        assert httpx.post(f"{url}/invocations", json=body).json()["error"]["code"] == "missing_key"
+        bad = httpx.post(f"{url}/invocations", json=body, headers={"Authorization": "Basic abc"})
+        assert bad.status_code == 401
+        ok = httpx.post(f"{url}/invocations", json=body, headers={"Authorization": f"Bearer {user}"})
+        assert ok.status_code == 200
+        denied = httpx.get(f"{url}/admin/stats", headers={"Authorization": f"Bearer {user}"})
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "not_admin"
+        stats = httpx.get(f"{url}/admin/stats", headers={"Authorization": f"Bearer {admin}"})
+        assert stats.status_code == 200 and stats.json()["versions"]["1"]["requests"] >= 1
+        traffic = httpx.put(
+            f"{url}/admin/traffic", json={"shares": {"9": 1.0}}, headers={"Authorization": f"Bearer {admin}"}
+        )
+        assert traffic.status_code == 400 and "unknown version" in traffic.json()["error"]["message"]
 
 
 def test_killed_replica_is_routed_around_without_failed_requests(
