@@ -152,3 +152,53 @@ def usage(
         )  # fmt: skip
     console.print(table)
     console.print(f"total: {sum(r.rows for r in rows)} rows, {sum(r.cost for r in rows):.4f}")
+
+
+def stream(
+    model: Annotated[str, typer.Option(help="Registered model as NAME@ALIAS or NAME/VERSION.")],
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="redis://HOST:PORT/DB?stream=NAME, or a directory of *.ndjson (default MMS_HOME/stream/in)."
+        ),
+    ] = None,
+    sink: Annotated[
+        str | None,
+        typer.Option(
+            help="redis://...?stream=NAME, or a directory for answers (default MMS_HOME/stream/out)."
+        ),
+    ] = None,
+    consumers: Annotated[int, typer.Option(help="Consumers (long-lived Dask tasks) in the group.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Messages per micro-batch (one forward pass).")] = 64,
+    idle_exit_s: Annotated[
+        float | None, typer.Option(help="Stop after this long with nothing to do; default: run until Ctrl-C.")
+    ] = None,
+) -> None:
+    """Streaming predictor: consume a Redis Stream (consumer group) or NDJSON files on Dask workers."""
+    from infra.cluster import dask_client
+    from mms_core.config import Settings
+    from mms_core.errors import MMSError
+    from mms_core.serving.stream import StreamOptions, stream_registered
+
+    use_stack_if_up(settings_from_env())
+    settings = Settings()
+    source = source or str(settings.home / "stream" / "in")
+    sink = sink or str(settings.home / "stream" / "out")
+    options = StreamOptions(batch_size=batch_size, idle_exit_s=idle_exit_s)
+    console.print(f"streaming {source} -> {sink} with {model} ({consumers} consumers; Ctrl-C stops)")
+    with dask_client(settings) as client:
+        try:
+            result = stream_registered(
+                client=client, tracking_uri=settings.tracking_uri, model=model, source=source, sink=sink,
+                consumers=consumers, options=options,
+            )  # fmt: skip
+        except MMSError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("stopped; unacknowledged messages stay pending for the next consumer")
+            raise typer.Exit(130) from None
+    console.print(
+        f"{result.messages} messages ({result.rows} rows, {result.errors} errors, "
+        f"{result.reclaimed} reclaimed) answered by v{result.model_version}"
+    )

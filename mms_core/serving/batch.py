@@ -1,6 +1,7 @@
 """Batch prediction on Dask: read a table from any fsspec URI, predict partition by partition,
 write Parquet atomically. The model's bytes are broadcast to the workers once and each worker
-builds the network once (cached by content hash), not once per partition."""
+builds the network once (the shared :func:`~mms_core.serving.predictors.cached_predictor`), not once
+per partition."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from pydantic import BaseModel
 
 from mms_core import storage
 from mms_core.errors import DataError
-from mms_core.packaging import PackageConfig, Predictor
-
-_PREDICTORS: dict[str, Predictor] = {}  # per worker process: content hash -> built model
+from mms_core.packaging import PackageConfig
+from mms_core.serving.predictors import cached_predictor
 
 
 class BatchResult(BaseModel):
@@ -53,12 +53,11 @@ def predict_table(
     missing = [c for c in [*config.features, *([id_column] if id_column else [])] if c not in frame.columns]
     if missing:
         raise DataError(f"{input_uri}: missing column(s) {missing[:5]} that the model (or --id-column) needs")
-    key = storage.sha256_bytes(weights)
     package = client.scatter([(config, weights)], broadcast=True, hash=False)[0]  # a tuple would be split
     meta = _meta(
         config, id_dtype=frame._meta[id_column].dtype if id_column else None, probabilities=probabilities
     )
-    preds = frame.map_partitions(_predict_partition, package, key, id_column, probabilities, meta=meta)
+    preds = frame.map_partitions(_predict_partition, package, id_column, probabilities, meta=meta)
     tmp = f"{output_uri.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     fs, tmp_path = storage.fs_and_path(tmp, **opts)
     try:
@@ -97,13 +96,10 @@ def _meta(config: PackageConfig, *, id_dtype: object | None, probabilities: bool
 def _predict_partition(
     part: pd.DataFrame,
     package: tuple[PackageConfig, bytes],
-    key: str,
     id_column: str | None,
     probabilities: bool,
 ) -> pd.DataFrame:
-    predictor = _PREDICTORS.get(key)
-    if predictor is None:
-        predictor = _PREDICTORS[key] = Predictor(config=package[0], weights=package[1])
+    predictor = cached_predictor(config=package[0], weights=package[1])
     out = pd.DataFrame({"id": part[id_column].to_numpy()} if id_column else {}, index=range(len(part)))
     out["prediction"] = predictor.predict(part)
     if probabilities:

@@ -158,7 +158,7 @@ def _check_values(x: np.ndarray, schema: InputSchema) -> np.ndarray:
         row, col = map(int, np.argwhere(bad)[0])
         raise PayloadError(
             f"row {row} feature {schema.features[col]!r} is NaN or infinite; send finite numbers "
-            "(or start the server with nan_policy=impute to replace them with the training mean)"
+            "(or set nan_policy=impute to replace them with the training mean)"
         )
     mean = np.broadcast_to(np.asarray(schema.mean, dtype=np.float32), x.shape)
     return np.where(bad, mean, x)

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from mms_core.errors import DataError
 from mms_core.models import ModelSpec, build_model
 from mms_core.packaging import PackageConfig, Predictor
-from mms_core.serving import batch
+from mms_core.serving import batch, predictors
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_predictions_equal_the_models_and_each_worker_loads_once(client, package
     assert (got["prediction"].to_numpy() == direct.predict(df)).all()
     proba = got[[f"prob_{c}" for c in range(10)]].to_numpy()
     np.testing.assert_allclose(proba, direct.predict_proba(df), rtol=1e-5, atol=1e-6)
-    # 6 partitions on 2 workers: at most one model build per worker process
-    assert sorted(client.run(lambda: len(batch._PREDICTORS)).values()) in ([1, 1], [0, 1])
+    # 6 partitions on 2 workers: at most one model build per worker process (the shared cache)
+    assert sorted(client.run(lambda: len(predictors._PREDICTORS)).values()) in ([1, 1], [0, 1])
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
