@@ -37,6 +37,10 @@ class ServingMetrics:
             "mms_replica_latency_ms", "Recent (EWMA) batch latency per replica.", ["replica", "version"],
             registry=r,
         )  # fmt: skip
+        self.replica_memory = Gauge(
+            "mms_replica_memory_bytes", "Resident memory of each replica's worker process.",
+            ["replica", "version"], registry=r,
+        )  # fmt: skip
         self.replica_failures = Counter(
             "mms_replica_failures", "Replicas taken out after a failed call or health check.", ["version"],
             registry=r,
@@ -46,8 +50,11 @@ class ServingMetrics:
         """Exposition text; per-replica gauges are refreshed from ``replicas`` at scrape time."""
         self.queue_depth.clear()
         self.replica_latency.clear()
+        self.replica_memory.clear()
         for rep in replicas:
             labels = {"replica": str(rep["id"]), "version": str(rep["version"])}
             self.queue_depth.labels(**labels).set(int(rep["queued"]) + int(rep["inflight"]))
             self.replica_latency.labels(**labels).set(float(rep["latency_ms"]))
+            if "rss_bytes" in rep:
+                self.replica_memory.labels(**labels).set(float(rep["rss_bytes"]))
         return generate_latest(self.registry)

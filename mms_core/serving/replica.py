@@ -12,6 +12,7 @@ import os
 import time
 
 import numpy as np
+import psutil
 
 from mms_core.packaging import PackageConfig, Predictor
 
@@ -35,4 +36,13 @@ class Replica:
         return labels, (time.perf_counter() - t0) * 1e3
 
     async def health(self) -> dict[str, float | int | str]:
-        return {"version": self.version, "pid": os.getpid(), "batches": self.batches, "rows": self.rows}
+        """Liveness plus the resource figures the router shows per replica."""
+        proc = psutil.Process()
+        return {
+            "version": self.version,
+            "pid": os.getpid(),
+            "batches": self.batches,
+            "rows": self.rows,
+            "rss_bytes": proc.memory_info().rss,
+            "cpu_seconds": sum(proc.cpu_times()[:2]),
+        }

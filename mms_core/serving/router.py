@@ -82,6 +82,7 @@ class ReplicaState:
     inflight_requests: int = 0
     ewma_ms: float = 1.0
     healthy: bool = True
+    resources: dict[str, float] = field(default_factory=dict)  # from the last health check
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -369,9 +370,10 @@ class Router:
 
     async def _probe(self, r: ReplicaState) -> str | None:
         try:  # even reading r.actor.health raises once Dask knows the worker is gone
-            await asyncio.wait_for(_call(r.actor.health), self.config.health_timeout_s)
+            report = await asyncio.wait_for(_call(r.actor.health), self.config.health_timeout_s)
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
+        r.resources = {k: float(report[k]) for k in ("rss_bytes", "cpu_seconds", "batches", "rows")}
         return None
 
     # ---- status and shutdown ----------------------------------------------------------------
@@ -412,6 +414,7 @@ class Router:
                 "queued": len(r.queue),
                 "inflight": r.inflight_requests,
                 "latency_ms": round(r.ewma_ms, 3),
+                **r.resources,
             }
             for p in self.pools.values()
             for r in p.replicas

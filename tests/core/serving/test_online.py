@@ -98,6 +98,8 @@ def test_concurrent_load_forms_batches_and_spreads_over_replicas(server, digits_
     assert "mms_replica_queue_depth" in text and "mms_request_latency_seconds_bucket" in text
     after = httpx.get(f"{server}/health").json()["replicas"]
     assert len(after) == len(before) == 2
+    assert all(r["rows"] > 0 and r["rss_bytes"] > 10e6 for r in after), after  # both replicas took work
+    assert "mms_replica_memory_bytes" in text
 
 
 def test_bad_input_matrix_gets_json_errors_and_replicas_survive(server, digits_rows):
