@@ -38,7 +38,7 @@ def serve(
         raise typer.Exit(2) from None
     from infra.cluster import dask_client
     from mms_core.config import Settings
-    from mms_core.serving.server import build_server
+    from mms_core.serving.server import build_server, serve_forever
 
     settings = Settings()  # after the stack may have set MMS_* variables
     with dask_client(settings) as client:
@@ -54,7 +54,7 @@ def serve(
             f"serving {model} with {config.replicas} replica(s) on http://{config.host}:{config.port} "
             f"(docs /docs, metrics /metrics; API keys {'required' if config.auth_required else 'optional'})"
         )
-        server.run()
+        serve_forever(server)
     if not server.started:
         raise typer.Exit(1)
 

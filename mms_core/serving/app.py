@@ -9,6 +9,7 @@ cannot validate cheaply, and every error must come back in the same JSON shape.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -103,7 +104,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = await Client(scheduler_address, asynchronous=True)
+        # Straight to the replicas' workers: relaying each call through the scheduler costs a hop.
+        client = await Client(scheduler_address, asynchronous=True, direct_to_workers=True)
         router = Router(client=client, name=model.name, config=config, metrics=metrics)
         state["router"] = router
         if meter is not None:
@@ -114,6 +116,10 @@ def create_app(
                 replicas=config.replicas, share=1.0,
             )  # fmt: skip
             log.info("serving %s v%s with %d replicas", model.name, model.version, config.replicas)
+            # Everything loaded so far (torch, mlflow, pandas) lives as long as the server: move it
+            # out of the collector's sight, or each full collection pauses requests 150-290 ms.
+            gc.collect()
+            gc.freeze()
             yield
         finally:
             await router.close(drain_timeout_s=config.drain_timeout_s)
