@@ -53,8 +53,9 @@ def run(
         f"{'stack' if using_stack else 'embedded'} mode"
     )
     from flows.training_pipeline import training_pipeline
+    from mms_core.training.strategies import progress_units
 
-    with PipelineProgress(console=console, epochs=pipeline_spec.training.epochs):
+    with PipelineProgress(console=console, epochs=progress_units(pipeline_spec.training)):
         try:
             result = training_pipeline(spec=pipeline_spec)
         except MMSError as exc:

@@ -14,8 +14,8 @@ from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, 
 from mms_core.evaluate import EvalResult
 from mms_core.plots import confusion_png, training_curves_png
 from mms_core.spec import PipelineSpec
-from mms_core.training.ddp import run_ddp
 from mms_core.training.spec import RankResult, TrainJob
+from mms_core.training.strategies import progress_units, run_strategy
 from tasks.common import flow_run_id, git_commit, transient
 
 
@@ -116,10 +116,10 @@ def train(
             extra={"mms_progress": (ev["epoch"], ev["epochs"])},
         )
 
-    rank0 = run_ddp(client=client, job=job, on_event=on_epoch)[0]
+    rank0 = run_strategy(client=client, job=job, on_event=on_epoch)[0]
     for m in rank0.history:  # events are best-effort; the returned history is authoritative
         if m.epoch not in logged:
-            on_epoch({**m.model_dump(), "epochs": spec.training.epochs})
+            on_epoch({**m.model_dump(), "epochs": progress_units(spec.training)})
     png = training_curves_png(
         history=rank0.history, title=f"{spec.name}: {spec.model.name}, {spec.training.strategy}"
     )

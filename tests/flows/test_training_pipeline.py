@@ -139,3 +139,15 @@ def test_shard_cache_rebuilds_when_cached_shards_were_deleted(mms_home):
     shutil.rmtree(load_manifest(uri).val.uri.rsplit("/", 1)[0])
     assert shard_only() == uri  # the cached URI pointed at nothing: rebuilt in place
     load_manifest(uri)  # readable again
+
+
+@pytest.mark.slow
+def test_fedavg_strategy_runs_through_the_same_flow_and_registers(mms_home):
+    spec = load_spec("examples/digits-fedavg.yaml", overrides=["training.fedavg.rounds=12", *FAST[1:]])
+    result = training_pipeline(spec=spec)
+    versions = _versions(mms_home)
+    assert versions, "no model version registered"
+    run = _registry(mms_home).get_run(result.run_id)
+    assert run.data.params["strategy"] == "fedavg"
+    assert len(_registry(mms_home).get_metric_history(result.run_id, "val_accuracy")) == 12  # one per round
+    assert run.data.metrics["test_accuracy"] >= 0.85
