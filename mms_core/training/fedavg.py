@@ -15,7 +15,6 @@ update alone is uniformly random. The aggregation math is pure numpy, testable w
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from mms_core.data.shard import Manifest, load_manifest, read_shard
 from mms_core.errors import DataError, TrainingError
 from mms_core.models import build_model
 from mms_core.training.checkpoint import state_bytes
+from mms_core.training.loop import params_sha256
 from mms_core.training.spec import EpochMetrics, FedAvgSpec, RankResult, TrainJob
 
 FRAC_BITS = 32  # fixed-point resolution 2**-32 for masked updates; their sum must stay below 2**30
@@ -474,7 +474,7 @@ def run_fedavg(
     return [
         RankResult(
             rank=0,
-            params_sha256=_params_sha(model),
+            params_sha256=params_sha256(model),
             history=run.history,
             weights_uri=job.output_uri,
             steps=run.steps,
@@ -548,11 +548,3 @@ def _gather(client: Client, futures: list, *, what: str) -> list:
         raise TrainingError(f"fedavg {what} failed: {exc!r}") from exc
     finally:
         client.cancel(futures)
-
-
-def _params_sha(model: nn.Module) -> str:
-    # The same hash as the DDP loop's RankResult.params_sha256 (sorted state_dict keys).
-    h = hashlib.sha256()
-    for _, p in sorted(model.state_dict().items()):
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -93,7 +93,7 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
 
     result = RankResult(
         rank=rank,
-        params_sha256=_params_sha(model),
+        params_sha256=params_sha256(model),
         history=history,
         steps=step,
         samples=samples,
@@ -187,7 +187,8 @@ def _scheduler(
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def _params_sha(model: nn.Module) -> str:
+def params_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict in key order: equal on every rank after DDP; the run's fingerprint."""
     h = hashlib.sha256()
     for _, p in sorted(model.state_dict().items()):
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
