@@ -33,6 +33,7 @@ bench: install  ## benchmarks -> bench/data/*.jsonl and plots; figures go into b
 	$(PY) -m bench.ddp_overhead --dask-malloc-trim dask-default | tee bench/data/ddp_overhead_dask_default.jsonl
 	$(PY) -m bench.pipeline_walltime | tee bench/data/pipeline_walltime.jsonl
 	$(PY) -m bench.batch_predict | tee bench/data/batch_predict.jsonl
+	$(PY) -m bench.fedavg_table | tee bench/data/fedavg_table.jsonl
 	$(PY) -m bench.serving | tee bench/data/serving.jsonl  # also draws bench/serving.png
 	$(PY) -m bench.plot
 

@@ -333,7 +333,7 @@ def plot(lines: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
     best = [x for x in lines if x.get("kind") == "best"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
     for ax, partition in zip(axes, PARTITIONS, strict=True):
         for x in (b for b in best if b["partition"] == partition):
             rounds = f"{x['rounds']:g} rounds (median)" if x["rounds"] else "not reached"
@@ -343,7 +343,7 @@ def plot(lines: list[dict]) -> Path:
         ax.set(
             xscale="log", xlabel="communication round", title=f"digits x9 shifts, {partition}: K=100, C=0.1"
         )
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: curves fill the axes
     axes[0].set(ylabel="test accuracy (seed 0, to target)", ylim=(0.4, 1.0))
     fig.tight_layout()
     fig.savefig(PNG, dpi=100)
