@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from mms_core import storage
 from mms_core.errors import DataError
 from mms_core.packaging import PackageConfig
-from mms_core.serving.predictors import cached_predictor
+from mms_core.serving.predictors import cached_predictor, package_key
 
 
 class BatchResult(BaseModel):
@@ -57,7 +57,8 @@ def predict_table(
     meta = _meta(
         config, id_dtype=frame._meta[id_column].dtype if id_column else None, probabilities=probabilities
     )
-    preds = frame.map_partitions(_predict_partition, package, id_column, probabilities, meta=meta)
+    key = package_key(config=config, weights=weights)
+    preds = frame.map_partitions(_predict_partition, package, key, id_column, probabilities, meta=meta)
     tmp = f"{output_uri.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     fs, tmp_path = storage.fs_and_path(tmp, **opts)
     try:
@@ -96,10 +97,11 @@ def _meta(config: PackageConfig, *, id_dtype: object | None, probabilities: bool
 def _predict_partition(
     part: pd.DataFrame,
     package: tuple[PackageConfig, bytes],
+    key: str,
     id_column: str | None,
     probabilities: bool,
 ) -> pd.DataFrame:
-    predictor = cached_predictor(config=package[0], weights=package[1])
+    predictor = cached_predictor(config=package[0], weights=package[1], key=key)
     out = pd.DataFrame({"id": part[id_column].to_numpy()} if id_column else {}, index=range(len(part)))
     out["prediction"] = predictor.predict(part)
     if probabilities:
