@@ -17,7 +17,7 @@ from mms_core import registry, storage
 from mms_core.compress import CompressSpec, latency_ms, load_quantized, prune_linear, quantized_bytes
 from mms_core.data.ingest import DataSpec, IngestResult, load_source, snapshot
 from mms_core.data.shard import load_manifest, read_shard
-from mms_core.evaluate import EvalResult, evaluate, gate
+from mms_core.evaluate import EvalResult, GateDecision, evaluate, gate
 from mms_core.models import ModelSpec, build_model
 from mms_core.models.zoo import resolve_builder
 from mms_core.packaging import PackageConfig
@@ -149,7 +149,10 @@ def register_trained(
                 "mms.parent_version": version,
             },
         )
-    if registry.alias_version(tracking_uri=tracking_uri, name=name, alias=decision.alias) != version:
+    if registry.alias_version(tracking_uri=tracking_uri, name=name, alias="champion") == version:
+        # a re-run of the run that made this version: it cannot "beat" itself, and must not lose the alias
+        decision = GateDecision(passed=True, alias="champion", reason="this version is already the champion")
+    elif registry.alias_version(tracking_uri=tracking_uri, name=name, alias=decision.alias) != version:
         registry.set_alias(tracking_uri=tracking_uri, name=name, alias=decision.alias, version=version)
     return RegisterResult(
         version=version, alias=decision.alias, reason=decision.reason, compressed_version=compressed_version

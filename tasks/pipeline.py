@@ -14,7 +14,7 @@ from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, 
 from mms_core.evaluate import EvalResult
 from mms_core.plots import confusion_png, training_curves_png
 from mms_core.spec import PipelineSpec
-from mms_core.training.spec import RankResult, TrainJob
+from mms_core.training.spec import RankResult, TrainJob, checkpoint_key
 from mms_core.training.strategies import progress_units, run_strategy
 from tasks.common import flow_run_id, git_commit, transient
 
@@ -95,9 +95,34 @@ def train(
         model=spec.model,
         train=spec.training,
         output_uri=storage.join(root, "models", run_id, "model.safetensors"),
-        checkpoint_uri=storage.join(root, "checkpoints", run_id),
+        checkpoint_uri=storage.join(
+            root,
+            "checkpoints",
+            checkpoint_key(
+                manifest_hash=load_manifest(manifest_uri).hash, model=spec.model, train=spec.training
+            ),
+        ),
     )
     logged: set[int] = set()
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev.get("kind") == "epoch":
+            on_epoch(ev)
+        elif ev.get("kind") == "resume":
+            logger.info("resuming from the checkpoint at step %d (epoch %d)", ev["step"], ev["epoch"])
+        elif ev.get("kind") == "restart":
+            logger.warning(
+                "restart %d from the last checkpoint (%s); the run had reached step %d",
+                ev["attempt"],
+                ev["reason"],
+                ev["last_step"],
+            )
+            registry.log_metrics(
+                tracking_uri=tracking_uri,
+                run_id=run_id,
+                metrics={"restarts": ev["attempt"]},
+                step=ev["last_step"],
+            )
 
     def on_epoch(ev: dict[str, Any]) -> None:
         metrics = {
@@ -116,7 +141,7 @@ def train(
             extra={"mms_progress": (ev["epoch"], ev["epochs"])},
         )
 
-    rank0 = run_strategy(client=client, job=job, on_event=on_epoch)[0]
+    rank0 = run_strategy(client=client, job=job, on_event=on_event)[0]
     for m in rank0.history:  # events are best-effort; the returned history is authoritative
         if m.epoch not in logged:
             on_epoch({**m.model_dump(), "epochs": progress_units(spec.training)})
@@ -134,19 +159,20 @@ def evaluate(
     *, spec: PipelineSpec, manifest_uri: str, weights_uri: str, run_id: str, tracking_uri: str
 ) -> EvalResult:
     result = steps.evaluate_trained(manifest_uri=manifest_uri, model=spec.model, weights_uri=weights_uri)
-    registry.log_metrics(
-        tracking_uri=tracking_uri,
-        run_id=run_id,
-        metrics={"test_accuracy": result.accuracy, "test_macro_f1": result.macro_f1},
-    )
-    labels = [str(c) for c in load_manifest(manifest_uri).classes]
-    png = confusion_png(
-        confusion=result.confusion, labels=labels, title=f"{spec.name}: test confusion matrix"
-    )
-    registry.log_artifact_bytes(
-        tracking_uri=tracking_uri, run_id=run_id, name="confusion_matrix.png", data=png
-    )
-    get_run_logger().info("test accuracy %.4f, macro-F1 %.4f", result.accuracy, result.macro_f1)
+    metrics = {"test_accuracy": result.accuracy, "test_macro_f1": result.macro_f1}
+    if result.perplexity is not None:  # a language model: per-token loss instead of a confusion matrix
+        metrics |= {"test_loss": result.loss, "test_perplexity": result.perplexity}
+    registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics=metrics)
+    if result.confusion:
+        labels = [str(c) for c in load_manifest(manifest_uri).classes]
+        png = confusion_png(
+            confusion=result.confusion, labels=labels, title=f"{spec.name}: test confusion matrix"
+        )
+        registry.log_artifact_bytes(
+            tracking_uri=tracking_uri, run_id=run_id, name="confusion_matrix.png", data=png
+        )
+    lm = "" if result.perplexity is None else f", perplexity {result.perplexity:.3f} ({result.tokens} tokens)"
+    get_run_logger().info("test accuracy %.4f, macro-F1 %.4f%s", result.accuracy, result.macro_f1, lm)
     return result
 
 

@@ -1,12 +1,16 @@
 """Checkpoints as safetensors (model + optimizer state), never pickle.
 
 Layout: <root>/step-<N>/{model,optim}.safetensors and meta.json, written last, holding the
-sha256 of both files: a checkpoint without a valid meta.json is incomplete and ignored.
+sha256 of both files: a checkpoint without a valid meta.json is incomplete and ignored, and one
+whose files do not match their checksums is corrupt; ``load_latest_checkpoint`` then falls back
+to the one before. Only the newest ``KEEP`` checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from typing import Any
 
 import torch
@@ -16,10 +20,15 @@ from torch import nn
 
 from mms_core import storage
 
+KEEP = 3  # checkpoints kept per run: the newest, plus fallbacks if it turns out corrupt
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+log = logging.getLogger(__name__)
 
-def state_bytes(model: nn.Module) -> bytes:
-    """Model weights as safetensors bytes (contiguous CPU copies)."""
-    return st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+def state_bytes(model: nn.Module | dict[str, torch.Tensor]) -> bytes:
+    """Model weights (a module, or a state dict) as safetensors bytes (contiguous CPU copies)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return st_save({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
 def load_state(model: nn.Module, data: bytes) -> None:
@@ -27,14 +36,25 @@ def load_state(model: nn.Module, data: bytes) -> None:
 
 
 def save_checkpoint(
-    *, root: str, step: int, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    *,
+    root: str,
+    step: int,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any] | None = None,
 ) -> str:
-    """Write one checkpoint; returns its directory URI."""
+    """Write one checkpoint and prune all but the newest ``KEEP``; returns its directory URI.
+
+    ``extra`` (JSON-serialisable: resume position, history, ...) is stored in meta.json and
+    returned by the loaders under the same keys.
+    """
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     out = storage.join(root, f"step-{step:08d}")
     model_sha = storage.write_bytes_atomic(storage.join(out, "model.safetensors"), state_bytes(model))
     optim_sha = storage.write_bytes_atomic(storage.join(out, "optim.safetensors"), st_save(tensors))
     meta = {
+        **(extra or {}),
         "step": step,
         "epoch": epoch,
         "param_groups": groups,
@@ -42,7 +62,46 @@ def save_checkpoint(
         "optim_sha256": optim_sha,
     }
     storage.write_json_atomic(storage.join(out, "meta.json"), meta)
+    prune_checkpoints(root, keep=KEEP)
     return out
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Checkpoint directories under ``root`` that have a meta.json, oldest first."""
+    fs, path = storage.fs_and_path(root)
+    if not fs.exists(path):
+        return []
+    steps = sorted(
+        m.group(0)
+        for entry in fs.ls(path, detail=False)
+        if (m := _STEP_DIR.search(entry.rstrip("/"))) and fs.exists(f"{entry.rstrip('/')}/meta.json")
+    )
+    return [storage.join(root, name) for name in steps]
+
+
+def prune_checkpoints(root: str, *, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (complete ones; partial dirs are left)."""
+    fs, _ = storage.fs_and_path(root)
+    for uri in list_checkpoints(root)[:-keep]:
+        fs.rm(storage.fs_and_path(uri)[1], recursive=True)
+
+
+def load_latest_checkpoint(
+    *, root: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any] | None:
+    """Restore the newest checkpoint that passes its checksums; None when there is none.
+
+    A corrupt or unreadable checkpoint is logged and skipped, so training resumes from the one
+    before it rather than failing or starting over.
+    """
+    for uri in reversed(list_checkpoints(root)):
+        try:
+            meta = load_checkpoint(uri=uri, model=model, optimizer=optimizer)
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+            log.warning("skipping checkpoint %s: %s", uri, exc)
+            continue
+        return {**meta, "uri": uri}
+    return None
 
 
 def load_checkpoint(

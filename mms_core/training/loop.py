@@ -1,7 +1,15 @@
-"""The per-rank training loop, shared by every launcher (Dask DDP, torchrun in bench/).
+"""The per-rank training loop, shared by the process-group strategies (ddp, hierarchical, fsdp)
+and by torchrun in bench/.
 
 Runs inside an initialised torch.distributed process group (or alone when world_size == 1).
-Each rank reads only its own training shards; gradients are all-reduced by DDP.
+Each rank reads only its own training shards. How the model is wrapped (DDP, DDP with a
+hierarchical comm hook, FSDP2) and how its state is checkpointed is the strategy's
+``Parallelism``; the loop owns the order of work: resume, train, validate, checkpoint.
+
+Resume: when ``job.checkpoint_uri`` holds a valid checkpoint (and ``training.resume``), the loop
+restores model, optimizer, schedule position, history and the step within the epoch, so a
+restarted run repeats at most the steps since the last checkpoint. Dropout is seeded per step,
+so a resumed run on the same world size is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,10 +32,71 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mms_core import storage
 from mms_core.data.shard import Manifest, load_manifest, read_shard, shards_for_rank
 from mms_core.models import build_model
-from mms_core.training.checkpoint import save_checkpoint, state_bytes
+from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
 from mms_core.training.spec import EpochMetrics, RankResult, TrainJob, TrainSpec
 
 Emit = Callable[[dict[str, Any]], None]
+PROGRESS_EVERY_S = 0.5  # rank 0 reports its step this often: the launcher's count of repeated steps
+
+
+class Parallelism(Protocol):
+    """What a process-group strategy decides; the loop calls these on every rank.
+
+    A class attribute ``collective_forward = True`` says a forward pass is a collective (FSDP),
+    so every rank runs validation, not rank 0 alone.
+    """
+
+    def wrap(self, model: nn.Module, *, job: TrainJob, world_size: int) -> nn.Module:
+        """The module to run forward/backward through (may modify ``model`` in place)."""
+
+    def save(
+        self, *, job: TrainJob, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict
+    ) -> None:
+        """Write a checkpoint (collective); ``meta`` holds ``step``, ``epoch`` and the resume data."""
+
+    def load(self, *, job: TrainJob, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Restore the newest valid checkpoint (collective); its meta, or None when there is none."""
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full, unsharded state dict on CPU (collective), on every rank: each rank hashes it,
+        rank 0 writes it."""
+
+
+class Replicated:
+    """DDP: every rank holds the whole model; rank 0 writes safetensors checkpoints."""
+
+    def wrap(self, model: nn.Module, *, job: TrainJob, world_size: int) -> nn.Module:
+        return DDP(model) if world_size > 1 else model
+
+    def save(
+        self, *, job: TrainJob, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict
+    ) -> None:
+        if rank == 0:
+            save_checkpoint(
+                root=job.checkpoint_uri,
+                step=meta["step"],
+                epoch=meta["epoch"],
+                model=model,
+                optimizer=optimizer,
+                extra=meta,
+            )
+
+    def load(self, *, job: TrainJob, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        return load_latest_checkpoint(root=job.checkpoint_uri, model=model, optimizer=optimizer)
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class Position:
+    """Where a rank is: the epoch to run next, steps of it already done, and what came before."""
+
+    epoch: int = 1
+    skip: int = 0
+    step: int = 0
+    samples: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
 
 
 def steps_per_epoch(manifest: Manifest, *, world_size: int, batch_size: int) -> int:
@@ -38,8 +108,16 @@ def steps_per_epoch(manifest: Manifest, *, world_size: int, batch_size: int) -> 
     return max(1, min(math.ceil(n / batch_size) for n in rows))
 
 
-def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None = None) -> RankResult:
-    """Train on this rank's shards; rank 0 validates, checkpoints, emits metrics and saves weights."""
+def train_rank(
+    *,
+    job: TrainJob,
+    rank: int,
+    world_size: int,
+    emit: Emit | None = None,
+    parallel: Parallelism | None = None,
+) -> RankResult:
+    """Train on this rank's shards; rank 0 validates, emits metrics and saves the final weights."""
+    parallel = parallel or Replicated()
     torch.set_num_threads(job.num_threads)
     torch.manual_seed(job.train.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -48,62 +126,114 @@ def train_rank(*, job: TrainJob, rank: int, world_size: int, emit: Emit | None =
     model = build_model(
         spec=job.model, in_features=len(manifest.features), n_classes=len(manifest.classes)
     ).to(device)
-    net: nn.Module = DDP(model) if world_size > 1 else model
-    optimizer = _optimizer(model, job.train)
+    net = parallel.wrap(model, job=job, world_size=world_size)
+    optimizer = make_optimizer(model, job.train)  # after wrap: FSDP replaces parameters in place
     n_steps = steps_per_epoch(manifest, world_size=world_size, batch_size=job.train.batch_size)
-    scheduler = _scheduler(optimizer, job.train, total_steps=n_steps * job.train.epochs)
-    val = _to_device(read_shard(manifest.val), device) if rank == 0 else None
+    scheduler, lr_at = make_scheduler(optimizer, job.train, total_steps=n_steps * job.train.epochs)
+    pos = _resume(job=job, parallel=parallel, model=model, optimizer=optimizer, n_steps=n_steps)
+    if pos.step:
+        _seek_schedule(scheduler, optimizer, lr_at, step=pos.step)
+        if rank == 0 and emit:
+            emit({"kind": "resume", "step": pos.step, "epoch": pos.epoch, "skip": pos.skip})
+    # Under FSDP every forward all-gathers, so every rank must take part in validation.
+    validates = rank == 0 or getattr(parallel, "collective_forward", False)
+    val = _to_device(read_shard(manifest.val), device) if validates else None
+    ctx = _EpochContext(job=job, rank=rank, world_size=world_size, n_steps=n_steps, emit=emit)
 
-    history: list[EpochMetrics] = []
-    step, samples, t_start = 0, 0, time.perf_counter()
-    for epoch in range(1, job.train.epochs + 1):
+    t_start = time.perf_counter()
+    for epoch in range(pos.epoch, job.train.epochs + 1):
+        skip = pos.skip if epoch == pos.epoch else 0
         t0 = time.perf_counter()
-        totals, step = _train_epoch(
-            job=job,
+        totals, pos.step = _train_epoch(
+            ctx,
             net=net,
-            model=model,
             optimizer=optimizer,
             scheduler=scheduler,
             data=(x, y),
-            n_steps=n_steps,
             epoch=epoch,
-            rank=rank,
-            step=step,
+            skip=skip,
+            step=pos.step,
+            checkpoint=lambda step, epoch, done: parallel.save(
+                job=job, rank=rank, model=model, optimizer=optimizer, meta=_meta(step, epoch, done, pos, ctx)
+            ),
         )
         if world_size > 1:
             dist.all_reduce(totals)
-        elapsed = time.perf_counter() - t0
-        samples += int(totals[2])
+        pos.samples += int(totals[2])
+        if validates:
+            m = _epoch_metrics(model, val, totals, epoch=epoch, step=pos.step, optimizer=optimizer, t0=t0)
         if rank == 0:
-            val_loss, val_acc = _evaluate(model, *val)
-            m = EpochMetrics(
-                epoch=epoch,
-                step=step,
-                train_loss=float(totals[0] / totals[2]),
-                train_accuracy=float(totals[1] / totals[2]),
-                val_loss=val_loss,
-                val_accuracy=val_acc,
-                samples_per_s=float(totals[2]) / elapsed,
-                lr=optimizer.param_groups[0]["lr"],
-            )
-            history.append(m)
+            pos.history.append(m)
             if emit:
                 emit({"kind": "epoch", "epochs": job.train.epochs, **m.model_dump()})
-    train_seconds = time.perf_counter() - t_start
+        parallel.save(
+            job=job,
+            rank=rank,
+            model=model,
+            optimizer=optimizer,
+            meta=_meta(pos.step, epoch, n_steps, pos, ctx),
+        )
+    return _finish(
+        job=job, rank=rank, model=model, parallel=parallel, pos=pos, seconds=time.perf_counter() - t_start
+    )
 
+
+@dataclass
+class _EpochContext:
+    job: TrainJob
+    rank: int
+    world_size: int
+    n_steps: int
+    emit: Emit | None
+    last_report: float = field(default_factory=time.monotonic)
+
+
+def _meta(step: int, epoch: int, done: int, pos: Position, ctx: _EpochContext) -> dict[str, Any]:
+    """What a checkpoint needs for resuming: position in the epoch and the history so far."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "step_in_epoch": done,
+        "steps_per_epoch": ctx.n_steps,
+        "world_size": ctx.world_size,
+        "samples": pos.samples,
+        "history": [m.model_dump() for m in pos.history],
+    }
+
+
+def _resume(
+    *, job: TrainJob, parallel: Parallelism, model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int
+) -> Position:
+    if not job.train.resume:
+        return Position()
+    meta = parallel.load(job=job, model=model, optimizer=optimizer)
+    if meta is None:
+        return Position()
+    history = [EpochMetrics(**m) for m in meta.get("history", [])]
+    if meta["step_in_epoch"] >= meta["steps_per_epoch"]:
+        epoch, skip = meta["epoch"] + 1, 0
+    else:  # mid-epoch; on another world size the epoch has another step count: keep the fraction
+        epoch = meta["epoch"]
+        skip = meta["step_in_epoch"] * n_steps // meta["steps_per_epoch"]
+    return Position(
+        epoch=epoch, skip=skip, step=(epoch - 1) * n_steps + skip, samples=meta["samples"], history=history
+    )
+
+
+def _finish(
+    *, job: TrainJob, rank: int, model: nn.Module, parallel: Parallelism, pos: Position, seconds: float
+) -> RankResult:
+    state = parallel.full_state(model)  # collective: every rank takes part
     result = RankResult(
         rank=rank,
-        params_sha256=params_sha256(model),
-        history=history,
-        steps=step,
-        samples=samples,
-        train_seconds=train_seconds,
+        params_sha256=state_sha256(state),
+        history=pos.history if rank == 0 else [],
+        steps=pos.step,
+        samples=pos.samples,
+        train_seconds=seconds,
     )
     if rank == 0:
-        save_checkpoint(
-            root=job.checkpoint_uri, step=step, epoch=job.train.epochs, model=model, optimizer=optimizer
-        )
-        storage.write_bytes_atomic(job.output_uri, state_bytes(model))
+        storage.write_bytes_atomic(job.output_uri, state_bytes(state))
         result.weights_uri = job.output_uri
     return result
 
@@ -120,50 +250,96 @@ def _to_device(xy: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple
 
 
 def _train_epoch(
+    ctx: _EpochContext,
     *,
-    job: TrainJob,
     net: nn.Module,
-    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     data: tuple[torch.Tensor, torch.Tensor],
-    n_steps: int,
     epoch: int,
-    rank: int,
+    skip: int,
     step: int,
+    checkpoint: Callable[[int, int, int], None],
 ) -> tuple[torch.Tensor, int]:
-    """One pass over this rank's rows; returns (sum of loss*n, correct, n) and the new step count."""
+    """Steps ``skip..n_steps`` of one pass over this rank's rows; returns (sum of loss*n, correct, n)
+    and the new global step. Checkpoints every ``checkpoint_every`` steps (not at the epoch's last
+    step: the caller writes the end-of-epoch checkpoint)."""
     x, y = data
+    job, batch, every = ctx.job, ctx.job.train.batch_size, ctx.job.train.checkpoint_every
     net.train()
-    gen = torch.Generator().manual_seed(job.train.seed * 100_003 + epoch * 1_009 + rank)
+    gen = torch.Generator().manual_seed(job.train.seed * 100_003 + epoch * 1_009 + ctx.rank)
     perm = torch.randperm(len(x), generator=gen).to(x.device)
     # Accumulated on the device: no host sync per step (matters on GPUs).
     totals = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for i in range(n_steps):
-        idx = perm[i * job.train.batch_size : (i + 1) * job.train.batch_size]
-        xb, yb = x[idx], y[idx]
-        with _autocast(xb.device, job.train.precision):
-            logits = net(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+    for i in range(skip, ctx.n_steps):
+        torch.manual_seed(job.train.seed * 1_000_003 + step * 131 + ctx.rank)  # dropout, resumable
+        idx = perm[i * batch : (i + 1) * batch]
+        with _autocast(x.device, job.train.precision):
+            loss, correct, count = forward_loss(net, x[idx], y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         step += 1
-        totals[0] += loss.detach() * len(idx)
-        totals[1] += (logits.argmax(1) == yb).sum()
-        totals[2] += len(idx)
-        if rank == 0 and job.train.checkpoint_every and step % job.train.checkpoint_every == 0:
-            save_checkpoint(root=job.checkpoint_uri, step=step, epoch=epoch, model=model, optimizer=optimizer)
+        totals += torch.stack(
+            [
+                loss.detach().double() * count,
+                correct.double(),
+                torch.tensor(count, dtype=torch.float64, device=x.device),
+            ]
+        )
+        if every and step % every == 0 and i + 1 < ctx.n_steps:
+            checkpoint(step, epoch, i + 1)
+        if ctx.rank == 0 and ctx.emit and time.monotonic() - ctx.last_report > PROGRESS_EVERY_S:
+            ctx.emit({"kind": "progress", "step": step, "epoch": epoch})
+            ctx.last_report = time.monotonic()
     return totals, step
 
 
+def forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Loss, number of correct predictions and number of predictions for one batch."""
+    logits = net(x)
+    loss = F.cross_entropy(logits.float(), y)
+    return loss, (logits.argmax(-1) == y).sum(), len(y)
+
+
+def _epoch_metrics(
+    model: nn.Module,
+    val: tuple[torch.Tensor, torch.Tensor],
+    totals: torch.Tensor,
+    *,
+    epoch: int,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    t0: float,
+) -> EpochMetrics:
+    per_s = float(totals[2]) / (time.perf_counter() - t0)  # before validating: training time only
+    val_loss, val_acc = evaluate_batches(model, *val)
+    n = max(float(totals[2]), 1.0)
+    return EpochMetrics(
+        epoch=epoch,
+        step=step,
+        train_loss=float(totals[0]) / n,
+        train_accuracy=float(totals[1]) / n,
+        val_loss=val_loss,
+        val_accuracy=val_acc,
+        samples_per_s=per_s,
+        lr=optimizer.param_groups[0]["lr"],
+    )
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate_batches(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int = 4096
+) -> tuple[float, float]:
+    """Mean loss and accuracy over (x, y), in batches of ``batch`` rows."""
     model.eval()
-    logits = model(x)
+    loss_sum, correct, count = 0.0, 0.0, 0
+    for i in range(0, len(x), batch):
+        loss, c, n = forward_loss(model, x[i : i + batch], y[i : i + batch])
+        loss_sum, correct, count = loss_sum + loss.item() * n, correct + float(c), count + n
     model.train()
-    return F.cross_entropy(logits, y).item(), float((logits.argmax(1) == y).float().mean())
+    return loss_sum / max(count, 1), correct / max(count, 1)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -172,24 +348,51 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """The spec's optimizer over ``model``'s parameters (fused AdamW on CUDA)."""
     if spec.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
     fused = next(model.parameters()).is_cuda  # fused AdamW kernels exist on CUDA only
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
 
 
-def _scheduler(
+def make_scheduler(
     optimizer: torch.optim.Optimizer, spec: TrainSpec, *, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
+) -> tuple[torch.optim.lr_scheduler.LRScheduler, Callable[[int], float]]:
+    """The LR schedule and its closed form (factor at a step), which lets a resumed run seek to it."""
+    total = max(1, total_steps)
     if spec.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+        def factor(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    else:
+
+        def factor(step: int) -> float:
+            return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), factor
+
+
+def _seek_schedule(
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: torch.optim.Optimizer,
+    factor: Callable[[int], float],
+    *,
+    step: int,
+) -> None:
+    scheduler.last_epoch = step
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor(step)
 
 
 def params_sha256(model: nn.Module) -> str:
     """sha256 over the state dict in key order: equal on every rank after DDP; the run's fingerprint."""
+    return state_sha256(model.state_dict())
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's tensors in key order."""
     h = hashlib.sha256()
-    for _, p in sorted(model.state_dict().items()):
+    for _, p in sorted(state.items()):
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

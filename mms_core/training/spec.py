@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mms_core import storage
 from mms_core.models import ModelSpec
 
 
@@ -72,12 +73,51 @@ class FedAvgSpec(BaseModel):
         return max(1, round(self.fraction * self.clients))
 
 
+class FsdpSpec(BaseModel):
+    """Fully sharded data parallel (torch FSDP2 ``fully_shard``): the `training.fsdp:` section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reshard_after_forward: bool = Field(
+        default=True, description="Free gathered parameters after forward (less memory, one more all-gather)."
+    )
+
+
+class ParamServerSpec(BaseModel):
+    """Asynchronous SGD against parameter-server actors: the `training.param_server:` section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shards: int = Field(
+        default=1, ge=1, description="Parameter-server actors; parameters are split across them."
+    )
+    staleness_bound: int | None = Field(
+        default=None,
+        ge=0,
+        description="A worker more than this many versions behind waits (0: synchronous; None: fully async).",
+    )
+
+
+class HierarchicalSpec(BaseModel):
+    """Two-level all-reduce through one "supernode" per group: the `training.hierarchical:` section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    group_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Consecutive ranks per group (the lowest is its supernode); None: one group per host.",
+    )
+
+
 class TrainSpec(BaseModel):
     """How to train."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    strategy: Literal["ddp", "fedavg"] = Field(default="ddp", description="Distributed strategy.")
+    strategy: Literal["ddp", "fsdp", "param_server", "hierarchical", "fedavg"] = Field(
+        default="ddp", description="Distributed strategy (see mms_core/training/strategies.py)."
+    )
     epochs: int = Field(default=30, ge=1, description="Passes over the training shards.")
     batch_size: int = Field(default=32, ge=1, description="Rows per step on each worker.")
     lr: float = Field(default=2e-3, gt=0, description="Peak learning rate.")
@@ -91,9 +131,33 @@ class TrainSpec(BaseModel):
     checkpoint_every: int = Field(
         default=100, ge=0, description="Checkpoint every K steps (0: only at the end)."
     )
+    resume: bool = Field(
+        default=True,
+        description="Resume from the newest valid checkpoint of the same spec and data (false: start over).",
+    )
+    max_restarts: int = Field(
+        default=2, ge=0, description="Times a run restarts from its last checkpoint after losing a worker."
+    )
     world_size: int | None = Field(default=None, ge=1, description="Ranks to use; default all Dask workers.")
     timeout_s: float = Field(default=300, gt=0, description="Process-group init/collective timeout.")
     fedavg: FedAvgSpec = Field(default_factory=FedAvgSpec, description="Settings of strategy 'fedavg'.")
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="Settings of strategy 'fsdp'.")
+    param_server: ParamServerSpec = Field(
+        default_factory=ParamServerSpec, description="Settings of strategy 'param_server'."
+    )
+    hierarchical: HierarchicalSpec = Field(
+        default_factory=HierarchicalSpec, description="Settings of strategy 'hierarchical'."
+    )
+
+
+def checkpoint_key(*, manifest_hash: str, model: ModelSpec, train: TrainSpec) -> str:
+    """Names a run's checkpoint directory by what determines the training (data, model, settings),
+    so a re-run of a crashed run finds and resumes its checkpoints. Settings that only steer
+    recovery are left out."""
+    training = train.model_dump(mode="json", exclude={"resume", "max_restarts", "timeout_s"})
+    return storage.canonical_hash(
+        {"manifest": manifest_hash, "model": model.model_dump(mode="json"), "training": training}
+    )[:24]
 
 
 class TrainJob(BaseModel):
@@ -122,6 +186,10 @@ class EpochMetrics(BaseModel):
 
 class RankResult(BaseModel):
     rank: int
+    stats: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Strategy-specific figures (e.g. staleness histogram, bytes communicated), JSON-able.",
+    )
     params_sha256: str = Field(description="Hash of the final parameters (equal on every rank).")
     history: list[EpochMetrics] = Field(default_factory=list, description="Filled on rank 0.")
     weights_uri: str | None = None

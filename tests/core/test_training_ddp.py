@@ -20,6 +20,7 @@ from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, 
 from mms_core.errors import TrainingError
 from mms_core.evaluate import predict_classes
 from mms_core.models import ModelSpec, build_model
+from mms_core.training import checkpoint as ckpt_mod
 from mms_core.training.ddp import run_ddp
 from mms_core.training.loop import steps_per_epoch, train_rank
 from mms_core.training.spec import TrainJob, TrainSpec
@@ -202,17 +203,21 @@ def test_weights_file_loads_into_the_model_and_matches_the_hash(first_run, manif
     assert (predict_classes(model=model, x=x) == y).mean() > 0.8
 
 
-def test_checkpoints_written_every_k_steps(first_run):
+def test_checkpoints_written_every_k_steps_and_pruned_to_the_newest(first_run):
     job, total = first_run["job"], first_run["results"][0].steps
     ckpt = first_run["out"] / "ckpt"
     dirs = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))
-    expected = sorted({*range(EVERY, total + 1, EVERY), total})  # every K steps, plus the final one
-    assert dirs == [f"step-{s:08d}" for s in expected]
     spe = total // EPOCHS
+    # every K steps and at each epoch's end; only the newest KEEP stay
+    written = sorted({*range(EVERY, total + 1, EVERY), *range(spe, total + 1, spe)})
+    expected = written[-ckpt_mod.KEEP :]
+    assert dirs == [f"step-{s:08d}" for s in expected]
     for s in expected:
         meta = json.loads((ckpt / f"step-{s:08d}" / "meta.json").read_text())
         assert meta["step"] == s
         assert meta["epoch"] == math.ceil(s / spe)
+        assert meta["step_in_epoch"] == s - (meta["epoch"] - 1) * spe
+        assert len(meta["history"]) == (meta["epoch"] if s % spe == 0 else meta["epoch"] - 1)
         assert (ckpt / f"step-{s:08d}" / "model.safetensors").exists()
     last = (ckpt / f"step-{total:08d}" / "model.safetensors").read_bytes()
     assert last == Path(job.output_uri).read_bytes()
@@ -221,11 +226,12 @@ def test_checkpoints_written_every_k_steps(first_run):
 
 def test_on_event_once_per_epoch_in_calling_thread(first_run):
     rec, hist = first_run["recorder"], first_run["results"][0].history
-    assert len(rec.events) == EPOCHS
-    assert [ev["epoch"] for ev in rec.events] == list(range(1, EPOCHS + 1))
-    assert all(ev["kind"] == "epoch" and ev["epochs"] == EPOCHS for ev in rec.events)
+    epochs = [ev for ev in rec.events if ev["kind"] == "epoch"]
+    assert {ev["kind"] for ev in rec.events} <= {"epoch", "progress"}
+    assert [ev["epoch"] for ev in epochs] == list(range(1, EPOCHS + 1))
+    assert all(ev["epochs"] == EPOCHS for ev in epochs)
     assert rec.threads == {threading.get_ident()}
-    for ev, m in zip(rec.events, hist, strict=True):
+    for ev, m in zip(epochs, hist, strict=True):
         assert ev["train_loss"] == pytest.approx(m.train_loss)
         assert ev["val_accuracy"] == pytest.approx(m.val_accuracy)
         assert ev["step"] == m.step
@@ -242,7 +248,7 @@ def test_second_job_on_same_cluster_restarts_workers_and_reproduces(
     results = run_ddp(client=client, job=_job(manifest_uri, tmp_path), on_event=rec)
     assert _worker_pids(client).isdisjoint(pids_before)  # fresh worker processes
     assert len(client.scheduler_info()["workers"]) == 2
-    assert len(rec.events) == EPOCHS
+    assert len([ev for ev in rec.events if ev["kind"] == "epoch"]) == EPOCHS
     assert results[0].params_sha256 == results[1].params_sha256
     # same seed, same data, same world size: bit-identical result
     assert results[0].params_sha256 == first_run["results"][0].params_sha256
@@ -264,8 +270,8 @@ def test_train_rank_alone_without_process_group(manifest_uri, tmp_path):
     assert res.history[-1].val_accuracy > 0.8
     state = st_load((tmp_path / "weights.safetensors").read_bytes())
     assert _sha_of_state(state) == res.params_sha256
-    # checkpoint_every=0: only the final checkpoint
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [f"step-{2 * spe:08d}"]
+    # checkpoint_every=0: only at each epoch's end
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"step-{spe:08d}", f"step-{2 * spe:08d}"]
 
 
 def test_train_rank_is_deterministic_for_a_seed(manifest_uri, tmp_path):

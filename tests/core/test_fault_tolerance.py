@@ -1,0 +1,170 @@
+"""Training survives faults: resume from the last checkpoint (bit-exact), skip a corrupt checkpoint,
+and finish a DDP run on a real 3-worker LocalCluster after one worker process is SIGKILLed."""
+
+import os
+import signal
+import threading
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+
+from mms_core import steps
+from mms_core.data.ingest import DataSpec
+from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard
+from mms_core.models import ModelSpec
+from mms_core.training.checkpoint import list_checkpoints
+from mms_core.training.ddp import run_ddp
+from mms_core.training.loop import steps_per_epoch, train_rank
+from mms_core.training.spec import TrainJob, TrainSpec
+
+
+@pytest.fixture(scope="module")
+def manifest_uri(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ft-data"))
+    raw = steps.ingest(spec=DataSpec(source="builtin://digits"), root=root)
+    return preprocess_and_shard(
+        raw_uri=raw.uri, source_sha256=raw.sha256, label="label", spec=ShardSpec(n_shards=6), root=root
+    )
+
+
+def _job(manifest_uri, out, **train) -> TrainJob:
+    spec = {"epochs": 3, "batch_size": 32, "checkpoint_every": 7, **train}
+    return TrainJob(
+        manifest_uri=manifest_uri,
+        model=ModelSpec(name="mlp"),
+        train=TrainSpec(**spec),
+        output_uri=str(out / "weights.safetensors"),
+        checkpoint_uri=str(out / "ckpt"),
+    )
+
+
+def _steps(path) -> list[int]:
+    return [int(uri.rsplit("step-", 1)[1]) for uri in list_checkpoints(str(path))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(manifest_uri, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft-full")
+    return train_rank(job=_job(manifest_uri, out), rank=0, world_size=1), out
+
+
+def test_resume_mid_epoch_is_bit_exact(manifest_uri, uninterrupted, tmp_path):
+    full, full_out = uninterrupted
+    spe = steps_per_epoch(load_manifest(manifest_uri), world_size=1, batch_size=32)
+    # "crash" after step 2*7 of a fresh run: train the same job, then drop every later checkpoint
+    first = train_rank(job=_job(manifest_uri, tmp_path), rank=0, world_size=1)
+    assert first.params_sha256 == full.params_sha256
+    kept = _steps(tmp_path / "ckpt")
+    assert len(kept) == 3 and kept[-1] == 3 * spe
+    for step in kept[1:]:
+        for f in (tmp_path / "ckpt" / f"step-{step:08d}").iterdir():
+            f.unlink()
+        (tmp_path / "ckpt" / f"step-{step:08d}").rmdir()
+    resume_step = kept[0]
+    assert resume_step % spe != 0  # a checkpoint in the middle of an epoch
+    (tmp_path / "weights.safetensors").unlink()
+
+    events: list[dict] = []
+    resumed = train_rank(job=_job(manifest_uri, tmp_path), rank=0, world_size=1, emit=events.append)
+    assert events[0] == {
+        "kind": "resume",
+        "step": resume_step,
+        "epoch": resume_step // spe + 1,
+        "skip": resume_step % spe,
+    }
+    assert resumed.params_sha256 == full.params_sha256
+    assert resumed.steps == full.steps
+    assert [m.epoch for m in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1].val_accuracy == full.history[-1].val_accuracy
+    assert (tmp_path / "weights.safetensors").read_bytes() == (full_out / "weights.safetensors").read_bytes()
+
+
+def test_rerun_of_a_finished_run_trains_nothing_and_gives_the_same_weights(manifest_uri, uninterrupted):
+    full, out = uninterrupted
+    events: list[dict] = []
+    again = train_rank(job=_job(manifest_uri, out), rank=0, world_size=1, emit=events.append)
+    assert [e["kind"] for e in events] == ["resume"]  # no epoch ran
+    assert again.params_sha256 == full.params_sha256
+    assert again.history == full.history
+
+
+def test_resume_false_starts_over(manifest_uri, uninterrupted, tmp_path):
+    full, out = uninterrupted
+    events: list[dict] = []
+    fresh = train_rank(job=_job(manifest_uri, out, resume=False), rank=0, world_size=1, emit=events.append)
+    assert "resume" not in [e["kind"] for e in events]
+    assert [e["epoch"] for e in events if e["kind"] == "epoch"] == [1, 2, 3]
+    assert fresh.params_sha256 == full.params_sha256
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(manifest_uri, uninterrupted, tmp_path, caplog):
+    full, _ = uninterrupted
+    train_rank(job=_job(manifest_uri, tmp_path), rank=0, world_size=1)
+    kept = _steps(tmp_path / "ckpt")
+    newest = tmp_path / "ckpt" / f"step-{kept[-1]:08d}" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the weights: the file still parses, only the checksum knows
+    newest.write_bytes(bytes(data))
+    events: list[dict] = []
+    with caplog.at_level("WARNING"):
+        resumed = train_rank(job=_job(manifest_uri, tmp_path), rank=0, world_size=1, emit=events.append)
+    assert "checksum mismatch" in caplog.text and f"step-{kept[-1]:08d}" in caplog.text
+    assert events[0]["kind"] == "resume" and events[0]["step"] == kept[-2]
+    assert resumed.params_sha256 == full.params_sha256  # redone from the previous checkpoint
+
+
+# --- a worker dies mid-run ------------------------------------------------------------------
+
+KILL_AFTER_STEP = 60
+EPOCHS = 12  # about 5 s of training on 2 cores: long enough to kill a worker mid-run
+
+
+def _ddp_job(manifest_uri, out) -> TrainJob:
+    return _job(manifest_uri, out, epochs=EPOCHS, batch_size=8, checkpoint_every=20, lr=1e-3, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def cluster3():
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
+        cluster = LocalCluster(
+            n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        )
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+
+
+@pytest.mark.slow
+def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_uri, tmp_path):
+    reference = run_ddp(client=cluster3, job=_ddp_job(manifest_uri, tmp_path / "ref"))[0]
+
+    events: list[dict] = []
+    killed: list[int] = []
+
+    def on_event(ev: dict) -> None:
+        events.append(ev)
+        if ev.get("step", 0) >= KILL_AFTER_STEP and not killed:
+            pids = cluster3.run(os.getpid)
+            victim = pids[sorted(pids)[1]]  # rank 1's worker
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    job = _ddp_job(manifest_uri, tmp_path / "run")
+    results = run_ddp(client=cluster3, job=job, on_event=on_event)
+    assert killed, "training ended before the worker could be killed: make the run longer"
+    restarts = [e for e in events if e["kind"] == "restart"]
+    resumes = [e for e in events if e["kind"] == "resume"]
+    assert len(restarts) == 1 and len(resumes) == 1
+    assert "left the cluster" in restarts[0]["reason"]
+    # at most one checkpoint interval of steps is repeated
+    assert restarts[0]["last_step"] - resumes[0]["step"] < job.train.checkpoint_every
+    assert resumes[0]["step"] > 0
+    r0 = results[0]
+    assert [m.epoch for m in r0.history] == list(range(1, EPOCHS + 1))
+    assert abs(r0.history[-1].val_accuracy - reference.history[-1].val_accuracy) <= 0.01
+    assert len(results) in (2, 3) and len({r.params_sha256 for r in results}) == 1
+    assert threading.active_count() < 100
