@@ -14,10 +14,17 @@ from distributed import Client
 
 from mms_core.training.ddp import run_ddp
 from mms_core.training.fedavg import run_fedavg
+from mms_core.training.fsdp import run_fsdp
+from mms_core.training.hierarchical import run_hierarchical
 from mms_core.training.spec import RankResult, TrainJob, TrainSpec
 
 Strategy = Callable[..., list[RankResult]]
-STRATEGIES: dict[str, Strategy] = {"ddp": run_ddp, "fedavg": run_fedavg}
+STRATEGIES: dict[str, Strategy] = {
+    "ddp": run_ddp,
+    "fsdp": run_fsdp,
+    "hierarchical": run_hierarchical,
+    "fedavg": run_fedavg,
+}
 
 
 def run_strategy(
