@@ -16,6 +16,7 @@ from mms_core.training.ddp import run_ddp
 from mms_core.training.fedavg import run_fedavg
 from mms_core.training.fsdp import run_fsdp
 from mms_core.training.hierarchical import run_hierarchical
+from mms_core.training.param_server import run_param_server
 from mms_core.training.spec import RankResult, TrainJob, TrainSpec
 
 Strategy = Callable[..., list[RankResult]]
@@ -23,6 +24,7 @@ STRATEGIES: dict[str, Strategy] = {
     "ddp": run_ddp,
     "fsdp": run_fsdp,
     "hierarchical": run_hierarchical,
+    "param_server": run_param_server,
     "fedavg": run_fedavg,
 }
 
