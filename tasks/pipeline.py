@@ -17,6 +17,7 @@ from mms_core.spec import PipelineSpec
 from mms_core.training.spec import RankResult, TrainJob, checkpoint_key
 from mms_core.training.strategies import progress_units, run_strategy
 from tasks.common import flow_run_id, git_commit, transient
+from tasks.training_events import TrainingEvents
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NONE)
@@ -89,7 +90,6 @@ def start_tracking(*, spec: PipelineSpec, manifest_uri: str, tracking_uri: str, 
 def train(
     *, client: Client, spec: PipelineSpec, manifest_uri: str, run_id: str, tracking_uri: str, root: str
 ) -> RankResult:
-    logger = get_run_logger()
     job = TrainJob(
         manifest_uri=manifest_uri,
         model=spec.model,
@@ -103,48 +103,9 @@ def train(
             ),
         ),
     )
-    logged: set[int] = set()
-
-    def on_event(ev: dict[str, Any]) -> None:
-        if ev.get("kind") == "epoch":
-            on_epoch(ev)
-        elif ev.get("kind") == "resume":
-            logger.info("resuming from the checkpoint at step %d (epoch %d)", ev["step"], ev["epoch"])
-        elif ev.get("kind") == "restart":
-            logger.warning(
-                "restart %d from the last checkpoint (%s); the run had reached step %d",
-                ev["attempt"],
-                ev["reason"],
-                ev["last_step"],
-            )
-            registry.log_metrics(
-                tracking_uri=tracking_uri,
-                run_id=run_id,
-                metrics={"restarts": ev["attempt"]},
-                step=ev["last_step"],
-            )
-
-    def on_epoch(ev: dict[str, Any]) -> None:
-        metrics = {
-            k: ev[k]
-            for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "samples_per_s", "lr")
-        }
-        registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics=metrics, step=ev["epoch"])
-        logged.add(ev["epoch"])
-        logger.info(
-            "epoch %d/%d loss %.4f val_acc %.4f %.0f samples/s",
-            ev["epoch"],
-            ev["epochs"],
-            ev["train_loss"],
-            ev["val_accuracy"],
-            ev["samples_per_s"],
-            extra={"mms_progress": (ev["epoch"], ev["epochs"])},
-        )
-
-    rank0 = run_strategy(client=client, job=job, on_event=on_event)[0]
-    for m in rank0.history:  # events are best-effort; the returned history is authoritative
-        if m.epoch not in logged:
-            on_epoch({**m.model_dump(), "epochs": progress_units(spec.training)})
+    events = TrainingEvents(tracking_uri=tracking_uri, run_id=run_id, logger=get_run_logger())
+    rank0 = run_strategy(client=client, job=job, on_event=events)[0]
+    events.finish(rank0, epochs=progress_units(spec.training))
     png = training_curves_png(
         history=rank0.history, title=f"{spec.name}: {spec.model.name}, {spec.training.strategy}"
     )

@@ -70,6 +70,15 @@ def test_pipeline_registers_champion_with_lineage_then_reuses_shards(mms_home):
     assert _task_states(second.flow_run_id)["preprocess-and-shard"] == "Cached"
     assert _task_states(first.flow_run_id)["preprocess-and-shard"] == "Completed"
     assert second.registration.alias == "candidate" and "minimum" in second.registration.reason
+    # Same data, model and training settings: the re-run finds the first run's checkpoints and
+    # resumes from the last one (nothing left to train), with the same weights and history.
+    assert [m.value for m in client.get_metric_history(second.run_id, "train_loss")] == [
+        m.value for m in history
+    ]
+    weights = [
+        (mms_home / "data" / "models" / r.run_id / "model.safetensors").read_bytes() for r in (first, second)
+    ]
+    assert weights[0] == weights[1]
     assert str(client.get_model_version_by_alias("digits-classifier", "champion").version) == "1"
     assert (
         str(client.get_model_version_by_alias("digits-classifier", "candidate").version)
@@ -151,3 +160,19 @@ def test_fedavg_strategy_runs_through_the_same_flow_and_registers(mms_home):
     assert run.data.params["strategy"] == "fedavg"
     assert len(_registry(mms_home).get_metric_history(result.run_id, "val_accuracy")) == 12  # one per round
     assert run.data.metrics["test_accuracy"] >= 0.85
+
+
+@pytest.mark.slow
+def test_param_server_strategy_runs_through_the_same_flow_and_logs_staleness(mms_home):
+    spec = load_spec("examples/digits-param-server.yaml", overrides=FAST)
+    result = training_pipeline(spec=spec)
+    client = _registry(mms_home)
+    run = client.get_run(result.run_id)
+    assert run.data.params["strategy"] == "param_server"
+    assert len(client.get_metric_history(result.run_id, "val_accuracy")) == 4
+    staleness = client.get_metric_history(result.run_id, "staleness_max")
+    assert [m.step for m in staleness] == [1, 2, 3, 4]
+    assert all(0 <= m.value <= 2 for m in staleness)  # staleness_bound: 2
+    assert "strategy_stats.json" in {a.path for a in client.list_artifacts(result.run_id)}
+    assert run.data.metrics["test_accuracy"] >= 0.85
+    assert _versions(mms_home)
