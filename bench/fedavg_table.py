@@ -54,7 +54,7 @@ from mms_core import steps
 from mms_core.data.ingest import DataSpec
 from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, read_shard
 from mms_core.models import ModelSpec, build_model
-from mms_core.training import fedavg
+from mms_core.training import fedavg, fedavg_client, federated_math
 from mms_core.training.spec import EpochMetrics, FedAvgSpec, TrainJob, TrainSpec
 
 HERE = Path(__file__).parent
@@ -171,7 +171,7 @@ def simulate(
     """One FedAvg run, clients in-process, with the functions run_fedavg uses; stops at ``target``."""
     torch.set_num_threads(1)
     spec = fed_spec(setting=setting, partition=partition, lr=lr, rounds=rounds)
-    parts = fedavg.partition(
+    parts = federated_math.partition(
         data["y"], clients=CLIENTS, scheme=spec.partition, shards_per_client=2, seed=seed
     )
     owned = [(data["x"][p], data["y"][p]) for p in parts]
@@ -182,14 +182,14 @@ def simulate(
     t0 = time.perf_counter()
     run = fedavg.federated_training(
         spec=spec,
-        init=fedavg.get_weights(model),
+        init=fedavg_client.get_weights(model),
         seed=seed,
         # one model object serves every simulated client: they run one after another
         run_clients=lambda w, ctx: [
-            fedavg.local_update(model=model, weights=w, data=owned[k], spec=spec, client_id=k, ctx=ctx)
+            fedavg_client.local_update(model=model, weights=w, data=owned[k], spec=spec, client_id=k, ctx=ctx)
             for k in ctx.participants
         ],
-        evaluate=lambda w: fedavg.evaluate_weights(model=model, weights=w, data=test),
+        evaluate=lambda w: fedavg_client.evaluate_weights(model=model, weights=w, data=test),
         stop=lambda m: (target is not None and m.val_accuracy >= target) or _diverged(m),
     )
     curve = [round(m.val_accuracy, 4) for m in run.history]
@@ -320,7 +320,7 @@ def dask_path_line(client: Client, *, manifest_uri: str, workdir: Path, lr: floa
         "dask_ms_per_round": round(1000 * dask_s / rounds, 1),
         "inprocess_ms_per_round": round(1000 * local["wall_s"] / rounds, 1),
         "dask_over_inprocess": round(dask_s / local["wall_s"], 2),
-        "same_weights": _sha(fedavg.get_weights(model)) == local["weights_sha"],
+        "same_weights": _sha(fedavg_client.get_weights(model)) == local["weights_sha"],
         "local_steps": result.steps,
     }
 

@@ -1,6 +1,7 @@
 """Federated averaging: partitions and aggregation math alone, then whole runs on a real
 2-worker Dask LocalCluster (digits, built through the same manifest path as the DDP tests)."""
 
+import shutil
 import threading
 from functools import partial
 from pathlib import Path
@@ -19,17 +20,14 @@ from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, 
 from mms_core.errors import DataError, TrainingError
 from mms_core.evaluate import predict_classes
 from mms_core.models import ModelSpec, build_model
-from mms_core.training.fedavg import (
+from mms_core.training.fedavg import federated_training, run_fedavg
+from mms_core.training.fedavg_client import evaluate_weights, get_weights, local_update
+from mms_core.training.federated_math import (
     FRAC_BITS,
     clip_and_noise,
-    evaluate_weights,
-    federated_training,
-    get_weights,
-    local_update,
     mask_update,
     pairwise_masks,
     partition,
-    run_fedavg,
     sample_clients,
     unmask_average,
     weighted_average,
@@ -402,3 +400,27 @@ def test_cluster_without_workers_raises_training_error(manifest_uri, tmp_path):
         pytest.raises(TrainingError, match="no workers"),
     ):
         run_fedavg(client=c, job=_job(manifest_uri, tmp_path, rounds=1))
+
+
+def test_a_rerun_resumes_after_the_last_checkpointed_round_with_the_same_result(trained, client, tmp_path):
+    """Each round is checkpointed; a run stopped after round 3 (its later checkpoints gone) resumes
+    at round 4 and ends bit-identical, since rounds are seeded by (seed, round)."""
+    job, full = trained["job"], trained["result"]
+    ckpt = Path(job.checkpoint_uri)
+    rounds = [int(p.name.split("-")[1]) for p in sorted(ckpt.iterdir())]
+    assert rounds == list(range(len(full.history) - 2, len(full.history) + 1))  # the newest KEEP=3
+    shutil.copytree(ckpt / f"step-{rounds[0]:08d}", tmp_path / "ckpt" / f"step-{rounds[0]:08d}")
+    rerun = job.model_copy(
+        update={"checkpoint_uri": str(tmp_path / "ckpt"), "output_uri": str(tmp_path / "w")}
+    )
+    events: list[dict] = []
+    result = run_fedavg(client=client, job=rerun, on_event=events.append)[0]
+    assert events[0]["kind"] == "resume" and events[0]["epoch"] == rounds[0]
+    assert [e["epoch"] for e in events if e["kind"] == "epoch"] == list(
+        range(rounds[0] + 1, len(full.history) + 1)
+    )
+    assert result.params_sha256 == full.params_sha256
+    same = [m.model_dump(exclude={"samples_per_s"}) for m in result.history]
+    assert same == [m.model_dump(exclude={"samples_per_s"}) for m in full.history]
+    assert result.history[: rounds[0]] == full.history[: rounds[0]]  # restored from the checkpoint
+    assert (tmp_path / "w").read_bytes() == Path(job.output_uri).read_bytes()
