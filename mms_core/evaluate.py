@@ -1,6 +1,13 @@
-"""Evaluation on the held-out test split, and the gate that decides the champion."""
+"""Evaluation on the held-out test split, and the gate that decides the champion.
+
+A causal language model (``causal_lm`` on the module, e.g. the zoo's gpt) is scored per token:
+accuracy is next-token accuracy over every position of every window, with the loss and its
+perplexity beside it; its confusion matrix (vocabulary squared) is left empty.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -18,11 +25,17 @@ class EvalSpec(BaseModel):
     batch_size: int = Field(default=1024, ge=1, description="Rows per forward pass when evaluating.")
 
 
+LM_TOKENS_PER_BATCH = 2**14  # a language model's logits are (rows, vocab, seq): bound them by tokens
+
+
 class EvalResult(BaseModel):
     accuracy: float
     macro_f1: float
     confusion: list[list[int]]
     rows: int
+    loss: float | None = Field(default=None, description="Language models: mean next-token cross-entropy.")
+    perplexity: float | None = Field(default=None, description="Language models: exp(loss).")
+    tokens: int | None = Field(default=None, description="Language models: tokens predicted.")
 
 
 class GateDecision(BaseModel):
@@ -45,13 +58,48 @@ def predict_classes(*, model: nn.Module, x: np.ndarray, batch_size: int = 1024) 
 def evaluate(
     *, model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int = 1024
 ) -> EvalResult:
-    """Accuracy, macro-F1 and confusion matrix of ``model`` on (x, y)."""
+    """Accuracy, macro-F1 and confusion matrix of ``model`` on (x, y) (language models: see above)."""
+    if getattr(model, "causal_lm", False):
+        return evaluate_lm(model=model, x=x, y=y, batch_size=batch_size)
     pred = predict_classes(model=model, x=x, batch_size=batch_size)
     return EvalResult(
         accuracy=float(accuracy_score(y, pred)),
         macro_f1=float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
         confusion=confusion_matrix(y, pred, labels=list(range(n_classes))).tolist(),
         rows=len(y),
+    )
+
+
+@torch.no_grad()
+def evaluate_lm(*, model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> EvalResult:
+    """Per-token metrics of a causal LM on windows ``x`` (rows, seq) whose next tokens are ``y``.
+
+    The targets of a row are its inputs shifted by one with its label appended, as in training.
+    Runs on the device of the model's parameters, at most ``LM_TOKENS_PER_BATCH`` tokens at a time.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rows = max(1, min(batch_size, LM_TOKENS_PER_BATCH // x.shape[1]))
+    loss_sum, preds, targets = 0.0, [], []
+    for i in range(0, len(x), rows):
+        xb = torch.tensor(x[i : i + rows], device=device)  # a copy: shard arrays may be read-only
+        yb = torch.tensor(y[i : i + rows], dtype=torch.long, device=device)
+        tb = torch.cat([xb[:, 1:].long(), yb[:, None]], dim=1)
+        logits, loss = model(xb, tb)
+        loss_sum += float(loss) * tb.numel()
+        preds.append(logits.argmax(1).flatten().cpu())
+        targets.append(tb.flatten().cpu())
+    pred, true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    mean_loss = loss_sum / max(len(true), 1)
+    return EvalResult(
+        accuracy=float((pred == true).mean()),
+        # over the tokens that occur (as target or prediction): the vocabulary may be 50k ids
+        macro_f1=float(f1_score(true, pred, average="macro", labels=np.union1d(true, pred), zero_division=0)),
+        confusion=[],
+        rows=len(x),
+        loss=mean_loss,
+        perplexity=math.exp(min(mean_loss, 700.0)),  # exp overflows a float past ~709
+        tokens=len(true),
     )
 
 

@@ -61,6 +61,8 @@ def evaluate_trained(*, manifest_uri: str, model: ModelSpec, weights_uri: str) -
     manifest = load_manifest(manifest_uri)
     x, y = read_shard(manifest.test)
     net = load_trained(manifest_uri=manifest_uri, model=model, weights_uri=weights_uri)
+    if getattr(net, "causal_lm", False) and torch.cuda.is_available():
+        net = net.cuda()  # a language model's test split is many tokens: use the GPU if there is one
     return evaluate(model=net, x=x, y=y, n_classes=len(manifest.classes))
 
 

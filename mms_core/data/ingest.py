@@ -11,10 +11,13 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from mms_core import storage
+from mms_core.data import text
 from mms_core.errors import DataError
 
-BUILTINS = ("digits", "synthetic")
+BUILTINS = ("digits", "synthetic", "pystdlib")
 _SYNTHETIC_PARAMS = {"n_samples": int, "n_features": int, "n_classes": int, "seed": int}
+_PYSTDLIB_PARAMS = {"seq_len": int, "max_bytes": int, "max_files": int, "tokenizer": str, "vocab_size": int}
+BPE_TRAIN_BYTES = 2_000_000  # BPE merges are learned on the corpus's first 2 MB: seconds, not minutes
 
 
 class DataSpec(BaseModel):
@@ -25,6 +28,8 @@ class DataSpec(BaseModel):
     source: str = Field(
         default="builtin://digits",
         description="builtin://digits, builtin://synthetic?n_samples=..&n_features=..&n_classes=.., "
+        "builtin://pystdlib?seq_len=..&max_bytes=..&max_files=..&tokenizer=byte|bpe&vocab_size=.. "
+        "(token windows of the Python standard library's source, for a language model), "
         "or a .csv/.parquet fsspec URI (file://, s3://, ...).",
     )
     label: str = Field(default="label", description="Name of the label column.")
@@ -110,17 +115,23 @@ def _builtin(source: str, *, label: str) -> pd.DataFrame:
         return df
     if name == "synthetic":
         return _synthetic(params, label=label, source=source)
+    if name == "pystdlib":
+        return _pystdlib(params, label=label, source=source)
     raise DataError(f"unknown built-in dataset {name!r} in {source!r}; choose one of {BUILTINS}")
 
 
-def _synthetic(params: dict[str, str], *, label: str, source: str) -> pd.DataFrame:
-    unknown = set(params) - set(_SYNTHETIC_PARAMS)
+def _parse_params(params: dict[str, str], schema: dict[str, type], *, source: str) -> dict:
+    unknown = set(params) - set(schema)
     if unknown:
-        raise DataError(f"{source}: unknown parameter(s) {sorted(unknown)}; use {sorted(_SYNTHETIC_PARAMS)}")
+        raise DataError(f"{source}: unknown parameter(s) {sorted(unknown)}; use {sorted(schema)}")
     try:
-        p = {k: _SYNTHETIC_PARAMS[k](v) for k, v in params.items()}
+        return {k: schema[k](v) for k, v in params.items()}
     except ValueError as exc:
         raise DataError(f"{source}: parameters must be integers ({exc})") from None
+
+
+def _synthetic(params: dict[str, str], *, label: str, source: str) -> pd.DataFrame:
+    p = _parse_params(params, _SYNTHETIC_PARAMS, source=source)
     from sklearn.datasets import make_classification
 
     n_samples, n_features, n_classes = (
@@ -145,6 +156,38 @@ def _synthetic(params: dict[str, str], *, label: str, source: str) -> pd.DataFra
     )
     df = pd.DataFrame(x.astype(np.float32), columns=[f"f_{i}" for i in range(n_features)])
     df[label] = y.astype(np.int64)
+    return df
+
+
+def _pystdlib(params: dict[str, str], *, label: str, source: str) -> pd.DataFrame:
+    """Token windows of the standard library's source: columns t_0..t_{L-1} and the next token as
+    the label; the vocabulary size rides along in the table's metadata (see shard.py)."""
+    p = _parse_params(params, _PYSTDLIB_PARAMS, source=source)
+    seq_len, kind = p.get("seq_len", 64), p.get("tokenizer", "byte")
+    max_bytes, max_files = p.get("max_bytes", 1_000_000), p.get("max_files") or None
+    if seq_len < 2 or max_bytes < 0:
+        raise DataError(f"{source}: need seq_len >= 2 and max_bytes >= 0 (0: the whole library)")
+    corpus = text.read_corpus(max_bytes=max_bytes or None, max_files=max_files)
+    if kind == "byte":
+        if "vocab_size" in p:
+            raise DataError(f"{source}: vocab_size applies to tokenizer=bpe only (bytes: always 256)")
+        tokenizer: text.ByteTokenizer | text.BpeTokenizer = text.ByteTokenizer()
+    elif kind == "bpe":
+        vocab = p.get("vocab_size", 1024)
+        if not 256 < vocab <= 65536:
+            raise DataError(f"{source}: vocab_size must be within 257..65536 for tokenizer=bpe")
+        tokenizer = text.BpeTokenizer.train(data=corpus[:BPE_TRAIN_BYTES], vocab_size=vocab)
+    else:
+        raise DataError(f"{source}: unknown tokenizer {kind!r}; use 'byte' or 'bpe'")
+    x, y = text.token_windows(tokens=tokenizer.encode(corpus), seq_len=seq_len)
+    if len(x) < 10:
+        raise DataError(
+            f"{source}: {len(corpus)} bytes give only {len(x)} windows of {seq_len} tokens; "
+            f"raise max_bytes or lower seq_len"
+        )
+    df = pd.DataFrame(x, columns=[f"t_{i}" for i in range(seq_len)])
+    df[label] = y
+    df.attrs[text.TOKEN_VOCAB_ATTR] = tokenizer.vocab_size
     return df
 
 

@@ -1,6 +1,9 @@
 """Preprocess and shard: seeded split, standardisation fitted on train only, Parquet shards
 and a manifest (row counts, schema, sha256 per shard, split seed, scaler stats).
 
+Token data (a language model's windows, see ingest's builtin://pystdlib) is marked in the
+snapshot's metadata; its ids are neither scaled nor remapped (``_features_and_labels``).
+
 Shards are content-addressed: the directory is named by a hash of (input sha, config), so the
 same input and config give the same manifest and a re-run reuses what is there.
 """
@@ -14,6 +17,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mms_core import storage
+from mms_core.data.text import TOKEN_VOCAB_ATTR
 from mms_core.errors import CorruptShardError, DataError
 
 MANIFEST_VERSION = 1
@@ -89,11 +93,8 @@ def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: 
     features = [c for c in df.columns if c != label]
     if LABEL_COLUMN in features:
         raise DataError(f"{raw_uri}: column name {LABEL_COLUMN!r} is reserved by MMS; rename that column")
-    classes = sorted(df[label].unique().tolist())
-    if len(classes) < 2:
-        raise DataError(f"{raw_uri}: label {label!r} has a single class {classes}; need at least two")
-    x = df[features].to_numpy(dtype=np.float32)
-    y = df[label].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+    x, y, classes = _features_and_labels(df, features=features, label=label, raw_uri=raw_uri)
+    scale = spec.standardize and TOKEN_VOCAB_ATTR not in df.attrs
 
     rng = np.random.default_rng(spec.seed)
     order = rng.permutation(len(df))
@@ -103,10 +104,10 @@ def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: 
     if len(train_idx) < spec.n_shards:
         raise DataError(f"{raw_uri}: {len(train_idx)} training rows cannot fill {spec.n_shards} shards")
 
-    mean = x[train_idx].mean(axis=0) if spec.standardize else np.zeros(x.shape[1], np.float32)
-    std = x[train_idx].std(axis=0) if spec.standardize else np.ones(x.shape[1], np.float32)
+    mean = x[train_idx].mean(axis=0) if scale else np.zeros(x.shape[1], np.float32)
+    std = x[train_idx].std(axis=0) if scale else np.ones(x.shape[1], np.float32)
     std = np.where(std < 1e-6, 1.0, std).astype(np.float32)  # constant columns: leave unscaled
-    xs = (x - mean) / std
+    xs = (x - mean) / std if scale else x
 
     def write(name: str, idx: np.ndarray) -> ShardInfo:
         part = pd.DataFrame(xs[idx], columns=features)
@@ -135,6 +136,29 @@ def preprocess_and_shard(*, raw_uri: str, source_sha256: str, label: str, spec: 
     # The manifest is written last: its presence means every shard it names is complete.
     storage.write_json_atomic(manifest_uri, manifest.model_dump(mode="json"))
     return manifest_uri
+
+
+def _features_and_labels(
+    df: pd.DataFrame, *, features: list[str], label: str, raw_uri: str
+) -> tuple[np.ndarray, np.ndarray, list[int | str]]:
+    """Features, label indices and the class list.
+
+    Tabular data: labels become indices into the sorted distinct labels. Token data (ingest put
+    ``TOKEN_VOCAB_ATTR`` in the table's metadata, e.g. builtin://pystdlib): ids stay as they are
+    and the classes are the whole vocabulary, so id ``i`` is class ``i`` for the input tokens and
+    for the label alike (a language model reads both), even for ids the data never uses.
+    """
+    vocab = df.attrs.get(TOKEN_VOCAB_ATTR)
+    if vocab is None:
+        classes = sorted(df[label].unique().tolist())
+        if len(classes) < 2:
+            raise DataError(f"{raw_uri}: label {label!r} has a single class {classes}; need at least two")
+        y = df[label].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+        return df[features].to_numpy(dtype=np.float32), y, classes
+    x, y = df[features].to_numpy(dtype=np.int64), df[label].to_numpy(dtype=np.int64)
+    if min(x.min(), y.min()) < 0 or max(x.max(), y.max()) >= vocab:
+        raise DataError(f"{raw_uri}: token ids must lie in 0..{vocab - 1} (the table's vocabulary)")
+    return x.astype(np.int32), y, list(range(int(vocab)))
 
 
 def load_manifest(uri: str) -> Manifest:

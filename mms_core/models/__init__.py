@@ -1,4 +1,4 @@
-"""Model zoo (mlp, cnn) and user models by import path "pkg.module:build_fn"."""
+"""Model zoo (mlp, cnn, gpt) and user models by import path "pkg.module:build_fn"."""
 
 from mms_core.models.zoo import ModelSpec, build_model
 

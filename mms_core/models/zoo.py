@@ -2,6 +2,10 @@
 
 Every builder takes ``in_features`` and ``n_classes`` (from the data manifest) plus its own
 keyword arguments, and returns an ``nn.Module`` mapping (batch, in_features) -> logits.
+
+For the language model ``gpt`` a row is a window of token ids: ``in_features`` is the sequence
+length and ``n_classes`` the vocabulary; its logits are (batch, n_classes, seq), one prediction
+per position with the class dimension second (see models/gpt.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mms_core.errors import ModelLoadError
+from mms_core.models.gpt import gpt
 
 
 class ModelSpec(BaseModel):
@@ -23,7 +28,9 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(default="mlp", description="'mlp', 'cnn', or a user model 'pkg.module:build_fn'.")
+    name: str = Field(
+        default="mlp", description="'mlp', 'cnn', 'gpt', or a user model 'pkg.module:build_fn'."
+    )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the builder (e.g. hidden, dropout)."
     )
@@ -71,7 +78,7 @@ def cnn(*, in_features: int, n_classes: int, channels: int = 16, hidden: int = 6
     return _SquareCNN(side=side, n_classes=n_classes, channels=channels, hidden=hidden)
 
 
-ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 
 
 def resolve_builder(name: str) -> Callable[..., nn.Module]:

@@ -33,6 +33,7 @@ from mms_core import storage
 from mms_core.data.shard import Manifest, load_manifest, read_shard, shards_for_rank
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
+from mms_core.training.mfu import mfu
 from mms_core.training.spec import EpochMetrics, RankResult, TrainJob, TrainSpec
 
 Emit = Callable[[dict[str, Any]], None]
@@ -269,8 +270,10 @@ def _train_epoch(
     net.train()
     gen = torch.Generator().manual_seed(job.train.seed * 100_003 + epoch * 1_009 + ctx.rank)
     perm = torch.randperm(len(x), generator=gen).to(x.device)
-    # Accumulated on the device: no host sync per step (matters on GPUs).
-    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    # Loss and correct counts accumulate on the device: no host sync per step (matters on GPUs).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    seen = 0
     for i in range(skip, ctx.n_steps):
         torch.manual_seed(job.train.seed * 1_000_003 + step * 131 + ctx.rank)  # dropout, resumable
         idx = perm[i * batch : (i + 1) * batch]
@@ -281,23 +284,31 @@ def _train_epoch(
         optimizer.step()
         scheduler.step()
         step += 1
-        totals += torch.stack(
-            [
-                loss.detach().double() * count,
-                correct.double(),
-                torch.tensor(count, dtype=torch.float64, device=x.device),
-            ]
-        )
+        loss_sum += loss.detach().double() * count
+        correct_sum += correct
+        seen += count
         if every and step % every == 0 and i + 1 < ctx.n_steps:
             checkpoint(step, epoch, i + 1)
         if ctx.rank == 0 and ctx.emit and time.monotonic() - ctx.last_report > PROGRESS_EVERY_S:
             ctx.emit({"kind": "progress", "step": step, "epoch": epoch})
             ctx.last_report = time.monotonic()
-    return totals, step
+    return torch.stack(
+        [loss_sum, correct_sum, torch.tensor(float(seen), device=x.device, dtype=torch.float64)]
+    ), step
 
 
 def forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Loss, number of correct predictions and number of predictions for one batch."""
+    """Loss, number of correct predictions and number of predictions for one batch.
+
+    A causal language model (``causal_lm`` on the module, e.g. the zoo's gpt) predicts every
+    position of its window: its targets are the inputs shifted by one with the row's label (the
+    token after the window) appended, and every token is a prediction. It computes the loss in
+    its own forward, where torch.compile can fuse it with the output layer.
+    """
+    if getattr(getattr(net, "module", net), "causal_lm", False):  # DDP keeps the model in .module
+        targets = torch.cat([x[:, 1:], y[:, None].to(x.dtype)], dim=1).long()
+        logits, loss = net(x, targets)  # logits: (batch, vocab, seq)
+        return loss, (logits.argmax(1) == targets).sum(), targets.numel()
     logits = net(x)
     loss = F.cross_entropy(logits.float(), y)
     return loss, (logits.argmax(-1) == y).sum(), len(y)
@@ -314,8 +325,11 @@ def _epoch_metrics(
     t0: float,
 ) -> EpochMetrics:
     per_s = float(totals[2]) / (time.perf_counter() - t0)  # before validating: training time only
-    val_loss, val_acc = evaluate_batches(model, *val)
+    lm = getattr(model, "causal_lm", False)
+    # LM logits are (rows, vocab, seq) floats: a token budget per validation batch bounds their memory.
+    val_loss, val_acc = evaluate_batches(model, *val, batch=max(1, 2**14 // val[0].shape[1]) if lm else 4096)
     n = max(float(totals[2]), 1.0)
+    devices = dist.get_world_size() if dist.is_initialized() else 1
     return EpochMetrics(
         epoch=epoch,
         step=step,
@@ -325,6 +339,8 @@ def _epoch_metrics(
         val_accuracy=val_acc,
         samples_per_s=per_s,
         lr=optimizer.param_groups[0]["lr"],
+        tokens_per_s=per_s if lm else None,
+        mfu=mfu(flops_per_token=model.flops_per_token(), tokens_per_s=per_s, devices=devices) if lm else None,
     )
 
 

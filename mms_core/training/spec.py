@@ -174,6 +174,9 @@ class TrainJob(BaseModel):
 
 
 class EpochMetrics(BaseModel):
+    """One epoch's figures. For a language model a sample is a predicted token: accuracies are
+    next-token accuracies and ``samples_per_s`` equals ``tokens_per_s``."""
+
     epoch: int
     step: int
     train_loss: float
@@ -182,6 +185,14 @@ class EpochMetrics(BaseModel):
     val_accuracy: float
     samples_per_s: float
     lr: float
+    tokens_per_s: float | None = Field(
+        default=None, description="Language models: tokens trained on per second, all ranks together."
+    )
+    mfu: float | None = Field(
+        default=None,
+        description="Language models: model FLOPs utilisation per device (0..1); None when the device's "
+        "peak is unknown (a CPU without MMS_PEAK_TFLOPS).",
+    )
 
 
 class RankResult(BaseModel):

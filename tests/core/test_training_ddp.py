@@ -182,7 +182,6 @@ def test_steps_follow_steps_per_epoch_on_both_ranks(first_run, manifest_uri):
     assert [m.step for m in results[0].history] == [spe * e for e in range(1, EPOCHS + 1)]
 
 
-
 def test_samples_count_every_row_each_rank_trained_on(first_run, manifest_uri):
     manifest = load_manifest(manifest_uri)
     spe = steps_per_epoch(manifest, world_size=2, batch_size=BATCH)
