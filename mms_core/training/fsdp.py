@@ -125,7 +125,7 @@ class FullyShard:
         needs them first). ``precision: bf16`` gathers and computes in bf16 and reduce-scatters
         gradients in fp32; the sharded master weights and optimizer state stay fp32.
         """
-        if not _distributed():  # a lone rank (torchrun-less bench): nothing to shard over
+        if world_size == 1 or not _distributed():  # a lone rank: nothing to shard over
             self.stats = _param_stats(model, units=0)
             return model
         mp = MixedPrecisionPolicy()

@@ -275,7 +275,7 @@ def _train_epoch(
     correct_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     seen = 0
     for i in range(skip, ctx.n_steps):
-        torch.manual_seed(job.train.seed * 1_000_003 + step * 131 + ctx.rank)  # dropout, resumable
+        seed_dropout(job.train.seed * 1_000_003 + step * 131 + ctx.rank, device=x.device)
         idx = perm[i * batch : (i + 1) * batch]
         with _autocast(x.device, job.train.precision):
             loss, correct, count = forward_loss(net, x[idx], y[idx])
@@ -295,6 +295,16 @@ def _train_epoch(
     return torch.stack(
         [loss_sum, correct_sum, torch.tensor(float(seen), device=x.device, dtype=torch.float64)]
     ), step
+
+
+def seed_dropout(seed: int, *, device: torch.device) -> None:
+    """Seed the generator dropout draws from on ``device``, once per step, so a resumed run draws
+    the same masks as an uninterrupted one. Only that device's generator: ``torch.manual_seed``
+    also seeds every accelerator backend and costs ~180 us a call (7% of a small CPU step)."""
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device only
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

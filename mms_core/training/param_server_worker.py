@@ -22,7 +22,7 @@ from torch import nn
 from mms_core.data.shard import load_manifest, read_shard, shards_for_rank
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
-from mms_core.training.loop import forward_loss
+from mms_core.training.loop import forward_loss, seed_dropout
 from mms_core.training.param_server_actor import ServerPlan
 from mms_core.training.spec import TrainJob
 
@@ -199,7 +199,7 @@ def _gradient(
 ) -> list[np.ndarray]:
     """The gradient of one batch at the pulled parameters, one flat vector per shard."""
     layout.load(model, [arr for _, arr in pulled])
-    torch.manual_seed(job.train.seed * 1_000_003 + clock * 131 + rank)  # dropout, as the DDP loop
+    seed_dropout(job.train.seed * 1_000_003 + clock * 131 + rank, device=batch[0].device)  # as the DDP loop
     with _autocast(batch[0].device, job.train.precision):
         loss, correct, count = forward_loss(model, *batch)
     model.zero_grad(set_to_none=True)

@@ -129,7 +129,9 @@ class TrainSpec(BaseModel):
     seed: int = Field(default=0, description="Seed for init and shuffling.")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="Autocast precision.")
     checkpoint_every: int = Field(
-        default=100, ge=0, description="Checkpoint every K steps (0: only at the end)."
+        default=100,
+        ge=0,
+        description="Checkpoint every K steps, and always at each epoch's (round's) end (0: only there).",
     )
     resume: bool = Field(
         default=True,
