@@ -34,6 +34,8 @@ bench: install  ## benchmarks -> bench/data/*.jsonl and plots; figures go into b
 	$(PY) -m bench.pipeline_walltime | tee bench/data/pipeline_walltime.jsonl
 	$(PY) -m bench.batch_predict | tee bench/data/batch_predict.jsonl
 	$(PY) -m bench.fedavg_table | tee bench/data/fedavg_table.jsonl
+	$(PY) -m bench.strategies  # writes bench/data/strategies.jsonl and bench/strategies.png
+	$(PY) -m bench.comm_bytes  # appends to bench/data/comm_bytes.jsonl
 	$(PY) -m bench.serving | tee bench/data/serving.jsonl  # also draws bench/serving.png
 	$(PY) -m bench.plot
 
