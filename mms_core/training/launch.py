@@ -76,15 +76,8 @@ def run_process_group(
 
 def _launch_once(*, client: Client, job: TrainJob, rank_fn: RankFn, on_event: OnEvent) -> list[RankResult]:
     _ensure_fresh_workers(client)
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if not workers:
-        raise TrainingError(
-            "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
-        )
-    world_size = job.train.world_size or len(workers)
-    if world_size > len(workers):
-        raise TrainingError(f"training.world_size={world_size} but the cluster has {len(workers)} workers")
-    chosen = workers[:world_size]
+    chosen = choose_workers(client, job=job)
+    world_size = len(chosen)
     port = client.submit(_free_port, workers=[chosen[0]], pure=False).result()
     master = f"{urlsplit(chosen[0]).hostname}:{port}"
     topic = f"mms-train-{uuid.uuid4().hex[:8]}"
@@ -114,6 +107,19 @@ def _launch_once(*, client: Client, job: TrainJob, rank_fn: RankFn, on_event: On
     finally:
         client.unsubscribe_topic(topic)
         client.cancel(futures)
+
+
+def choose_workers(client: Client, *, job: TrainJob) -> list[str]:
+    """The workers that host ranks 0..world_size-1 (``training.world_size``, default all), by address."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if not workers:
+        raise TrainingError(
+            "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
+        )
+    world_size = job.train.world_size or len(workers)
+    if world_size > len(workers):
+        raise TrainingError(f"training.world_size={world_size} but the cluster has {len(workers)} workers")
+    return workers[:world_size]
 
 
 def _watch(

@@ -36,6 +36,7 @@ from mms_core.data.shard import load_manifest, read_shard
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
+from mms_core.training.launch import choose_workers
 from mms_core.training.loop import evaluate_batches, make_optimizer, params_sha256, steps_per_epoch
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
 from mms_core.training.param_server_worker import ParamLayout, as_tensor, plan_shards, run_worker
@@ -116,14 +117,8 @@ def run_param_server(*, client: Client, job: TrainJob, on_event: OnEvent | None 
 
 
 def _setup(client: Client, job: TrainJob, on_event: OnEvent | None) -> _Run:
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if not workers:
-        raise TrainingError(
-            "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
-        )
-    world_size = job.train.world_size or len(workers)
-    if world_size > len(workers):
-        raise TrainingError(f"training.world_size={world_size} but the cluster has {len(workers)} workers")
+    workers = choose_workers(client, job=job)
+    world_size = len(workers)
     manifest = load_manifest(job.manifest_uri)
     # Same init as the DDP loop (manual_seed, then build), without touching the caller's RNG.
     with torch.random.fork_rng(devices=[]):
@@ -135,7 +130,7 @@ def _setup(client: Client, job: TrainJob, on_event: OnEvent | None) -> _Run:
     return _Run(
         client=client,
         job=job,
-        workers=workers[:world_size],
+        workers=workers,
         model=model,
         optimizer=make_optimizer(model, job.train),
         layout=plan_shards(model=model, shards=job.train.param_server.shards),

@@ -5,13 +5,9 @@ import os
 import signal
 import threading
 
-import dask
 import pytest
-from distributed import Client, LocalCluster
 
-from mms_core import steps
-from mms_core.data.ingest import DataSpec
-from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard
+from mms_core.data.shard import load_manifest
 from mms_core.models import ModelSpec
 from mms_core.training.checkpoint import list_checkpoints
 from mms_core.training.ddp import run_ddp
@@ -20,12 +16,8 @@ from mms_core.training.spec import TrainJob, TrainSpec
 
 
 @pytest.fixture(scope="module")
-def manifest_uri(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ft-data"))
-    raw = steps.ingest(spec=DataSpec(source="builtin://digits"), root=root)
-    return preprocess_and_shard(
-        raw_uri=raw.uri, source_sha256=raw.sha256, label="label", spec=ShardSpec(n_shards=6), root=root
-    )
+def manifest_uri(digits_manifest):
+    return digits_manifest(6)
 
 
 def _job(manifest_uri, out, **train) -> TrainJob:
@@ -125,17 +117,9 @@ def _ddp_job(manifest_uri, out) -> TrainJob:
 
 
 @pytest.fixture(scope="module")
-def cluster3():
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
-        cluster = LocalCluster(
-            n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-        )
-        client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
-            cluster.close()
+def cluster3(training_cluster):
+    with training_cluster(3) as client:
+        yield client
 
 
 @pytest.mark.slow

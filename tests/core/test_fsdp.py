@@ -6,16 +6,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-import dask
 import pytest
 import torch
-from distributed import Client, LocalCluster
 from safetensors.torch import load as st_load
 from torch import nn
 
-from mms_core import steps
-from mms_core.data.ingest import DataSpec
-from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, read_shard
+from mms_core.data.shard import load_manifest, read_shard
 from mms_core.evaluate import predict_classes
 from mms_core.models import ModelSpec, build_model
 from mms_core.training.checkpoint import KEEP
@@ -30,28 +26,14 @@ LR = 1e-2  # 80 steps in all: a high peak rate (cosine to 0) gets the MLP past 0
 
 
 @pytest.fixture(scope="module")
-def manifest_uri(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fsdp-data"))
-    raw = steps.ingest(spec=DataSpec(source="builtin://digits"), root=root)
-    return preprocess_and_shard(
-        raw_uri=raw.uri, source_sha256=raw.sha256, label="label", spec=ShardSpec(n_shards=4), root=root
-    )
+def manifest_uri(digits_manifest):
+    return digits_manifest(4)
 
 
 @pytest.fixture(scope="module")
-def client():
-    # run_fsdp restarts the workers before every job that follows another one; a LocalCluster that
-    # runs several jobs must raise lost-worker-timeout (see launch._ensure_fresh_workers).
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
-        cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-        )
-        c = Client(cluster)
-        try:
-            yield c
-        finally:
-            c.close()
-            cluster.close()
+def client(training_cluster):
+    with training_cluster(2) as client:
+        yield client
 
 
 def _job(manifest_uri, out: Path, *, ckpt: Path | None = None) -> TrainJob:

@@ -3,15 +3,11 @@ on a real 4-worker Dask LocalCluster (gloo on CPU) against flat DDP on the same 
 
 from pathlib import Path
 
-import dask
 import pytest
 import torch
-from distributed import Client, LocalCluster
 from safetensors.torch import load as st_load
 
-from mms_core import steps
-from mms_core.data.ingest import DataSpec
-from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, read_shard
+from mms_core.data.shard import load_manifest, read_shard
 from mms_core.evaluate import predict_classes
 from mms_core.models import ModelSpec, build_model
 from mms_core.training.ddp import run_ddp
@@ -95,28 +91,14 @@ def test_inter_group_bytes_are_below_flat_all_reduce_for_groups_of_several():
 
 
 @pytest.fixture(scope="module")
-def manifest_uri(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("hier-data"))
-    raw = steps.ingest(spec=DataSpec(source="builtin://digits"), root=root)
-    return preprocess_and_shard(
-        raw_uri=raw.uri, source_sha256=raw.sha256, label="label", spec=ShardSpec(n_shards=WORKERS), root=root
-    )
+def manifest_uri(digits_manifest):
+    return digits_manifest(WORKERS)
 
 
 @pytest.fixture(scope="module")
-def client():
-    # Each job after the first restarts the workers; a LocalCluster running several jobs must
-    # raise lost-worker-timeout (launch._ensure_fresh_workers), as infra.cluster does.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
-        cluster = LocalCluster(
-            n_workers=WORKERS, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-        )
-        c = Client(cluster)
-        try:
-            yield c
-        finally:
-            c.close()
-            cluster.close()
+def client(training_cluster):
+    with training_cluster(WORKERS) as client:
+        yield client
 
 
 def _job(manifest_uri, out: Path, **train) -> TrainJob:

@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import Client, LocalCluster, wait
+from distributed import wait
 from safetensors.torch import load as st_load
 
-from mms_core import steps
-from mms_core.data.ingest import DataSpec
-from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, read_shard, shards_for_rank
+from mms_core.data.shard import load_manifest, read_shard, shards_for_rank
 from mms_core.errors import TrainingError
 from mms_core.evaluate import predict_classes
 from mms_core.models import ModelSpec, build_model
@@ -85,25 +83,14 @@ def test_server_plan_counts_versions_and_marks_epoch_ends_and_checkpoints():
 
 
 @pytest.fixture(scope="module")
-def manifest_uri(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ps-data"))
-    raw = steps.ingest(spec=DataSpec(source="builtin://digits"), root=root)
-    return preprocess_and_shard(
-        raw_uri=raw.uri, source_sha256=raw.sha256, label="label", spec=ShardSpec(n_shards=4), root=root
-    )
+def manifest_uri(digits_manifest):
+    return digits_manifest(4)
 
 
 @pytest.fixture(scope="module")
-def client():
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    )
-    c = Client(cluster)
-    try:
-        yield c
-    finally:
-        c.close()
-        cluster.close()
+def client(training_cluster):
+    with training_cluster(2) as client:
+        yield client
 
 
 def _job(manifest_uri, out: Path, *, model=NO_DROPOUT, shards=1, bound=None, **train) -> TrainJob:

@@ -8,7 +8,6 @@ import re
 import threading
 from pathlib import Path
 
-import dask
 import pytest
 import torch
 from distributed import Client, LocalCluster
@@ -50,17 +49,9 @@ def _cluster(n_workers: int) -> LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def client():
-    # run_ddp restarts the workers before every job that follows another one; a LocalCluster that
-    # runs several jobs must raise lost-worker-timeout (see _ensure_fresh_workers), as infra.cluster does.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
-        cluster = _cluster(2)
-        c = Client(cluster)
-        try:
-            yield c
-        finally:
-            c.close()
-            cluster.close()
+def client(training_cluster):
+    with training_cluster(2) as client:
+        yield client
 
 
 def _job(manifest_uri, out, *, model="mlp", **train) -> TrainJob:
