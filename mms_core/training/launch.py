@@ -62,7 +62,10 @@ def run_process_group(
 
     for attempt in range(1, job.train.max_restarts + 2):
         try:
-            return _launch_once(client=client, job=job, rank_fn=rank_fn, on_event=relay)
+            # after a loss, train on the workers there are if fewer than training.world_size came back
+            return _launch_once(
+                client=client, job=job, rank_fn=rank_fn, on_event=relay, allow_fewer=attempt > 1
+            )
         except WorkerLost as exc:
             if attempt > job.train.max_restarts:
                 raise TrainingError(
@@ -74,9 +77,11 @@ def run_process_group(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _launch_once(*, client: Client, job: TrainJob, rank_fn: RankFn, on_event: OnEvent) -> list[RankResult]:
+def _launch_once(
+    *, client: Client, job: TrainJob, rank_fn: RankFn, on_event: OnEvent, allow_fewer: bool
+) -> list[RankResult]:
     _ensure_fresh_workers(client)
-    chosen = choose_workers(client, job=job)
+    chosen = choose_workers(client, job=job, allow_fewer=allow_fewer)
     world_size = len(chosen)
     port = client.submit(_free_port, workers=[chosen[0]], pure=False).result()
     master = f"{urlsplit(chosen[0]).hostname}:{port}"
@@ -109,15 +114,16 @@ def _launch_once(*, client: Client, job: TrainJob, rank_fn: RankFn, on_event: On
         client.cancel(futures)
 
 
-def choose_workers(client: Client, *, job: TrainJob) -> list[str]:
-    """The workers that host ranks 0..world_size-1 (``training.world_size``, default all), by address."""
+def choose_workers(client: Client, *, job: TrainJob, allow_fewer: bool = False) -> list[str]:
+    """The workers that host ranks 0..world_size-1 (``training.world_size``, default all), by address;
+    with ``allow_fewer``, all there are when that is fewer than ``training.world_size``."""
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     if not workers:
         raise TrainingError(
             "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
         )
     world_size = job.train.world_size or len(workers)
-    if world_size > len(workers):
+    if world_size > len(workers) and not allow_fewer:
         raise TrainingError(f"training.world_size={world_size} but the cluster has {len(workers)} workers")
     return workers[:world_size]
 

@@ -2,6 +2,7 @@
 and finish a DDP run on a real 3-worker LocalCluster after one worker process is SIGKILLed."""
 
 import os
+import shutil
 import signal
 import threading
 
@@ -152,3 +153,27 @@ def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_
     assert abs(r0.history[-1].val_accuracy - reference.history[-1].val_accuracy) <= 0.01
     assert len(results) in (2, 3) and len({r.params_sha256 for r in results}) == 1
     assert threading.active_count() < 100
+
+
+def test_resume_on_another_step_count_keeps_the_fraction_of_the_epoch(manifest_uri, uninterrupted, tmp_path):
+    """After a lost worker the group may restart on fewer ranks, so an epoch has another number of
+    steps; the resumed epoch starts at the same fraction. (Same effect here: batch 32 -> 16.)"""
+    _, full_out = uninterrupted
+    kept = _steps(full_out / "ckpt")
+    shutil.copytree(full_out / "ckpt" / f"step-{kept[0]:08d}", tmp_path / "ckpt" / f"step-{kept[0]:08d}")
+    spe32 = steps_per_epoch(load_manifest(manifest_uri), world_size=1, batch_size=32)
+    spe16 = steps_per_epoch(load_manifest(manifest_uri), world_size=1, batch_size=16)
+    done = kept[0] % spe32
+    events: list[dict] = []
+    resumed = train_rank(
+        job=_job(manifest_uri, tmp_path, batch_size=16), rank=0, world_size=1, emit=events.append
+    )
+    epoch = kept[0] // spe32 + 1
+    assert events[0] == {
+        "kind": "resume",
+        "step": (epoch - 1) * spe16 + done * spe16 // spe32,
+        "epoch": epoch,
+        "skip": done * spe16 // spe32,
+    }
+    assert [m.epoch for m in resumed.history] == [1, 2, 3]
+    assert resumed.steps == 3 * spe16
