@@ -2,7 +2,9 @@
 
 Two deployments of the `training-pipeline` flow: `digits-nightly` on a cron schedule with the
 parameters of examples/digits.yaml, and `manual` (no schedule) for runs started from the UI or
-`prefect deployment run`; and `batch-predict/manual` for batch prediction on demand.
+`prefect deployment run`; `batch-predict/manual` for batch prediction on demand; and
+`retention/daily` (cron, the MMS_RETENTION_* policy of the serving process) with
+`retention/manual`, a dry run by default (untick dry_run in the UI form to delete).
 Serving needs a real Prefect server (`mms stack up`): against
 Prefect's temporary server the schedules and runs would vanish with the process.
 """
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 from prefect.deployments.runner import EntrypointType
 
 from flows.batch_predict import batch_predict
+from flows.retention import retention
 from flows.serving_rollout import serving_rollout
 from flows.training_pipeline import training_pipeline
 from mms_core.errors import MMSError
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 NIGHTLY = "digits-nightly"
 MANUAL = "manual"
+DAILY = "daily"
+RETENTION_CRON = "30 3 * * *"  # after the nightly training has registered its version
 TAGS = ["mms"]
 
 
@@ -39,8 +44,9 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
 
     Returns:
         `[training-pipeline/digits-nightly, training-pipeline/manual, batch-predict/manual,
-        serving-rollout/manual]`: the first scheduled with `cron` and the spec's parameters, the
-        others unscheduled.
+        serving-rollout/manual, retention/daily, retention/manual]`: the first scheduled with
+        `cron` and the spec's parameters, retention/daily on `RETENTION_CRON`, the others
+        unscheduled.
 
     Raises:
         SpecError: The spec file is unreadable or invalid.
@@ -74,7 +80,19 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         description="Canary rollout of a registered version to a running `mms serve`: promote or roll back.",
         **common,
     )
-    return [nightly, manual, predict, rollout]
+    cleanup = retention.to_deployment(
+        DAILY,
+        cron=RETENTION_CRON,
+        description="Daily retention (MMS_RETENTION_* policy): old shards, checkpoints, weights, versions.",
+        **common,
+    )
+    cleanup_manual = retention.to_deployment(
+        MANUAL,
+        parameters={"policy": {"dry_run": True}},
+        description="On-demand retention; a dry run (lists what would go) unless dry_run is unticked.",
+        **common,
+    )
+    return [nightly, manual, predict, rollout, cleanup, cleanup_manual]
 
 
 def serve_deployments(

@@ -11,6 +11,7 @@ import typer
 
 from mms_cli.common import console, settings_from_env, use_stack_if_up
 from mms_cli.progress import PipelineProgress, summary_table
+from mms_cli.retention import retention
 from mms_cli.serving import keys_app, serve, stream, usage
 
 app = typer.Typer(help="MMS: train, compress, register and serve PyTorch models.", no_args_is_help=True)
@@ -22,6 +23,7 @@ app.add_typer(keys_app, name="keys")
 app.command()(serve)
 app.command()(usage)
 app.command()(stream)
+app.command()(retention)
 DEFAULT_SPEC = Path("examples/digits.yaml")
 
 

@@ -27,3 +27,7 @@ class TrainingError(MMSError):
 
 class MeteringError(MMSError):
     """An API key or quota setting is invalid, or the metering database cannot be used."""
+
+
+class RetentionError(MMSError):
+    """A retention policy is invalid or would delete something protected (an aliased version)."""

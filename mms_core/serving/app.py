@@ -108,6 +108,7 @@ def create_app(
         client = await Client(scheduler_address, asynchronous=True, direct_to_workers=True)
         router = Router(client=client, name=model.name, config=config, metrics=metrics)
         state["router"] = router
+        app.state.router = router  # read by the serving lease (server.hold_serving_lease)
         if meter is not None:
             meter.start()
         try:

@@ -7,15 +7,20 @@ counters and releases the replicas.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from mms_core import registry
 from mms_core.serving.app import ServedModel, create_app
 from mms_core.serving.config import ServeConfig
+from mms_core.serving.lease import LEASE_TTL_S, new_lease_id, remove_lease, write_lease
 from mms_core.serving.metering import KeyStore, UsageMeter
 
 
@@ -43,6 +48,7 @@ def build_server(
         meter=UsageMeter(path=db, flush_interval_s=config.metering_flush_s),
         loader=lambda v: registry.load_package(tracking_uri=tracking_uri, model=f"{name}/{v}"),
     )
+    hold_serving_lease(app, home=home, name=name, version=version)
     logging.getLogger("mms.serving").setLevel(logging.INFO)
     return uvicorn.Server(
         uvicorn.Config(
@@ -67,3 +73,43 @@ def serve_forever(server: uvicorn.Server) -> None:
     actors bind to the server's own asynchronous client (bench/serving.py measured both).
     """
     contextvars.Context().run(server.run)
+
+
+def hold_serving_lease(
+    app: FastAPI, *, home: Path, name: str, version: str, ttl_s: float = LEASE_TTL_S
+) -> None:
+    """While ``app`` runs, keep a lease under ``home`` naming the versions it serves (retention
+    never deletes a leased version); the lease is removed when the app shuts down.
+
+    The versions are re-read from the app's router at each refresh, so a rollout's new version
+    is covered within ``ttl_s / 4`` and a removed one is released.
+    """
+    inner = app.router.lifespan_context
+    lease_id = new_lease_id()
+
+    def served() -> list[str]:
+        router = getattr(app.state, "router", None)
+        return sorted(router.pools) if router is not None else [version]  # loading and draining too
+
+    async def refresh() -> None:
+        while True:
+            write_lease(home=home, lease_id=lease_id, model=name, versions=served(), ttl_s=ttl_s)
+            await asyncio.sleep(ttl_s / 4)
+
+    @asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[None]:
+        # Claimed before the replicas load: the model must not vanish while it is being served.
+        write_lease(home=home, lease_id=lease_id, model=name, versions=[version], ttl_s=ttl_s)
+        try:
+            async with inner(a) as state:
+                task = asyncio.create_task(refresh())
+                try:
+                    yield state
+                finally:
+                    task.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await task
+        finally:
+            remove_lease(home=home, lease_id=lease_id)
+
+    app.router.lifespan_context = lifespan

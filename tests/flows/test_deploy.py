@@ -16,7 +16,7 @@ import psutil
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
-from flows.deploy import MANUAL, NIGHTLY, deployments
+from flows.deploy import DAILY, MANUAL, NIGHTLY, RETENTION_CRON, deployments
 from infra.stack import stack_down, stack_env, stack_up
 from mms_core.spec import PipelineSpec, load_spec
 
@@ -26,7 +26,7 @@ FAST = ["training.epochs=2", "evaluate.min_accuracy=0.0", "registry.experiment=t
 
 
 def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
-    nightly, manual, predict, rollout = deployments(cron="30 3 * * 1")
+    nightly, manual, predict, rollout, cleanup, cleanup_manual = deployments(cron="30 3 * * 1")
 
     assert (nightly.name, manual.name) == (NIGHTLY, MANUAL) == ("digits-nightly", "manual")
     assert nightly.flow_name == manual.flow_name == "training-pipeline"
@@ -42,6 +42,11 @@ def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
     assert predict.entrypoint == "flows.batch_predict.batch_predict"
     assert (rollout.flow_name, rollout.name, rollout.schedules) == ("serving-rollout", "manual", [])
     assert rollout.entrypoint == "flows.serving_rollout.serving_rollout"
+    assert (cleanup.flow_name, cleanup.name, cleanup.parameters) == ("retention", DAILY, {})
+    assert [s.schedule.cron for s in cleanup.schedules] == [RETENTION_CRON]
+    assert (cleanup_manual.name, cleanup_manual.schedules) == (MANUAL, [])
+    assert cleanup_manual.parameters == {"policy": {"dry_run": True}}  # safe by default
+    assert cleanup.entrypoint == cleanup_manual.entrypoint == "flows.retention.retention"
 
 
 def test_serve_refuses_to_run_without_a_prefect_server(tmp_path: Path) -> None:
