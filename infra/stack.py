@@ -369,10 +369,32 @@ def _wait_workers(started: dict[str, tuple[ComponentState, _Proc]], deadline: fl
             time.sleep(0.25)
 
 
+def _listens(pid: int, port: int) -> bool:
+    """True when ``pid`` or one of its children listens on ``port``. The port was free when picked,
+    but another program (another user's stack) may take it before our server binds; then the
+    health check would be answered by that program while ours exits with "address in use"."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("inet")
+            ):
+                return True
+    return False
+
+
+def _ready(comp: ComponentState) -> bool:
+    return _probe(comp) and (comp.port is None or _listens(comp.pid, comp.port))
+
+
 def _wait_all(started: dict[str, tuple[ComponentState, _Proc]], deadline: float) -> None:
     for name, (comp, proc) in started.items():
         if not name.startswith("dask-worker"):
-            _wait_for(comp, proc, lambda c=comp: _probe(c), deadline)
+            _wait_for(comp, proc, lambda c=comp: _ready(c), deadline)
     _wait_workers(started, deadline)
 
 
