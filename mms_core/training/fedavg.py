@@ -40,6 +40,7 @@ from mms_core.training.fedavg_client import (
     set_weights,
 )
 from mms_core.training.federated_math import partition, sample_clients, unmask_average, weighted_average
+from mms_core.training.launch import worker_addresses
 from mms_core.training.loop import params_sha256
 from mms_core.training.spec import EpochMetrics, FedAvgSpec, RankResult, TrainJob
 
@@ -137,7 +138,7 @@ def run_fedavg(
         One RankResult (rank 0, the server): per-round history, final weights at
         ``job.output_uri`` (safetensors), local steps and rows summed over clients.
     """
-    if not client.scheduler_info()["workers"]:
+    if not worker_addresses(client):
         raise TrainingError(
             "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
         )

@@ -117,7 +117,7 @@ def _launch_once(
 def choose_workers(client: Client, *, job: TrainJob, allow_fewer: bool = False) -> list[str]:
     """The workers that host ranks 0..world_size-1 (``training.world_size``, default all), by address;
     with ``allow_fewer``, all there are when that is fewer than ``training.world_size``."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = worker_addresses(client)
     if not workers:
         raise TrainingError(
             "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
@@ -128,6 +128,16 @@ def choose_workers(client: Client, *, job: TrainJob, allow_fewer: bool = False) 
     return workers[:world_size]
 
 
+def worker_addresses(client: Client) -> list[str]:
+    """The addresses of the workers the scheduler knows now, sorted.
+
+    Asks the scheduler directly: ``client.scheduler_info()`` returns a cache that the client's
+    periodic refresh (every 2 s, fetched with no workers) may overwrite between the fetch and
+    the return, so it sometimes reads as "no workers" (a false worker loss, seen in CI under load).
+    """
+    return sorted(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+
 def _watch(
     client: Client, futures: list, chosen: list[str], *, events: queue.Queue, on_event: OnEvent
 ) -> None:
@@ -136,7 +146,7 @@ def _watch(
     failed_at: float | None = None
     while not all(f.status == "finished" for f in futures):
         _drain(events, on_event)
-        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        alive = set(worker_addresses(client))
         if gone := sorted(set(chosen) - alive):
             raise WorkerLost(gone, remaining=len(alive))
         errors = [(rank, f) for rank, f in enumerate(futures) if f.status in ("error", "cancelled")]

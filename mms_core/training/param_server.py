@@ -36,7 +36,7 @@ from mms_core.data.shard import load_manifest, read_shard
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
-from mms_core.training.launch import choose_workers
+from mms_core.training.launch import choose_workers, worker_addresses
 from mms_core.training.loop import evaluate_batches, make_optimizer, params_sha256, steps_per_epoch
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
 from mms_core.training.param_server_worker import ParamLayout, as_tensor, plan_shards, run_worker
@@ -233,7 +233,7 @@ class _Watch:
                     self.result(rank)
             if time.monotonic() - self.checked > LIVENESS_EVERY_S:
                 self.checked = time.monotonic()
-                alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+                alive = set(worker_addresses(self.client))
                 if gone := sorted(set(self.workers) - alive):
                     raise TrainingError(
                         f"param_server: worker(s) {gone} left the cluster during training; "

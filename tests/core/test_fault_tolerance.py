@@ -143,7 +143,7 @@ def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_
     assert killed, "training ended before the worker could be killed: make the run longer"
     restarts = [e for e in events if e["kind"] == "restart"]
     resumes = [e for e in events if e["kind"] == "resume"]
-    assert len(restarts) == 1 and len(resumes) == 1
+    assert len(restarts) == 1 and len(resumes) == 1, (restarts, resumes)
     assert "left the cluster" in restarts[0]["reason"]
     # at most one checkpoint interval of steps is repeated
     assert restarts[0]["last_step"] - resumes[0]["step"] < job.train.checkpoint_every
