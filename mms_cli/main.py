@@ -13,6 +13,7 @@ from mms_cli.common import console, settings_from_env, use_stack_if_up
 from mms_cli.progress import PipelineProgress, summary_table
 from mms_cli.retention import retention
 from mms_cli.serving import keys_app, serve, stream, usage
+from mms_cli.tune import tune
 
 app = typer.Typer(help="MMS: train, compress, register and serve PyTorch models.", no_args_is_help=True)
 stack_app = typer.Typer(
@@ -24,6 +25,7 @@ app.command()(serve)
 app.command()(usage)
 app.command()(stream)
 app.command()(retention)
+app.command()(tune)
 DEFAULT_SPEC = Path("examples/digits.yaml")
 
 

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(
         default=None, description="Address of a running Dask scheduler; default: a LocalCluster."
     )
+    tuning_storage: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the Optuna study database; default sqlite:///<home>/optuna.db.",
+    )
     n_workers: int = Field(default=2, ge=1, description="Workers in the embedded LocalCluster.")
     threads_per_worker: int = Field(default=1, ge=1, description="Threads per embedded worker.")
     worker_memory: str = Field(default="4GiB", description="Memory limit per embedded worker.")
@@ -43,6 +47,12 @@ class Settings(BaseSettings):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def study_storage(self) -> str:
+        # Not MLflow's own database file: both keep an alembic_version table, and each would
+        # read the other's schema revision as its own.
+        return self.tuning_storage or f"sqlite:///{self.home / 'optuna.db'}"
 
     @property
     def artifact_root(self) -> str:

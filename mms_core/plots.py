@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from mms_core.training.spec import EpochMetrics  # noqa: E402
 
 
-def _png(fig: plt.Figure) -> bytes:
+def png_bytes(fig: plt.Figure) -> bytes:
+    """Render ``fig`` as PNG bytes and close it."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -45,7 +46,7 @@ def confusion_png(*, confusion: list[list[int]], labels: list[str], title: str) 
             fontsize=8,
             color="white" if cm[i, j] > cm.max() / 2 else "black",
         )
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def training_curves_png(*, history: list[EpochMetrics], title: str) -> bytes:
@@ -62,4 +63,4 @@ def training_curves_png(*, history: list[EpochMetrics], title: str) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)

@@ -59,6 +59,20 @@ def load_spec(path: str | Path | None = None, *, overrides: list[str] = ()) -> P
     Raises:
         SpecError: unreadable file, malformed override, or a value that fails validation.
     """
+    raw = read_raw_spec(path, overrides=overrides)
+    if "tuning" in raw:
+        raise SpecError(
+            f"spec {path} has a 'tuning' section: run it with `mms tune {path}`, or remove the section"
+        )
+    return validate_spec(raw, path=path)
+
+
+def read_raw_spec(path: str | Path | None, *, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` (empty for None) with ``key.sub=value`` overrides applied.
+
+    Raises:
+        SpecError: unreadable file, not a mapping, or a malformed override.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -75,7 +89,12 @@ def load_spec(path: str | Path | None = None, *, overrides: list[str] = ()) -> P
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise SpecError(f"override {item!r}: value is not valid YAML ({exc.problem}); quote it") from None
-        _set_dotted(raw, key.strip().split("."), parsed)
+        set_dotted(raw, key.strip().split("."), parsed)
+    return raw
+
+
+def validate_spec(raw: dict[str, Any], *, path: str | Path | None = None) -> PipelineSpec:
+    """``raw`` as a PipelineSpec, or a SpecError listing every field that fails (with ``path``)."""
     try:
         return PipelineSpec.model_validate(raw)
     except ValidationError as exc:
@@ -83,7 +102,7 @@ def load_spec(path: str | Path | None = None, *, overrides: list[str] = ()) -> P
         raise SpecError(f"invalid spec{f' {path}' if path else ''}: {problems}") from None
 
 
-def _set_dotted(target: dict[str, Any], keys: list[str], value: Any) -> None:
+def set_dotted(target: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         node = target.setdefault(key, {})
         if not isinstance(node, dict):

@@ -44,6 +44,13 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def remove_tree(uri: str) -> None:
+    """Delete ``uri`` and everything under it; nothing there is not an error (idempotent)."""
+    fs, path = fs_and_path(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> str:
     """Write ``data`` to ``uri`` so a reader never sees a partial file.
 

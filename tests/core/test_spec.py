@@ -7,6 +7,7 @@ import yaml
 
 from mms_core.errors import SpecError
 from mms_core.spec import PipelineSpec, load_spec
+from mms_core.tuning.space import load_tuning
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -17,8 +18,14 @@ def test_examples_exist():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_loads(path):
-    spec = load_spec(path)
     raw = yaml.safe_load(path.read_text())
+    if "tuning" in raw:  # a study: `mms tune` reads it, `mms run` says so
+        with pytest.raises(SpecError, match="mms tune"):
+            load_spec(path)
+        spec, tune = load_tuning(path)
+        assert tune.trials == raw["tuning"]["trials"] and set(tune.params) == set(raw["tuning"]["params"])
+    else:
+        spec = load_spec(path)
 
     assert isinstance(spec, PipelineSpec)
     assert spec.name == raw["name"]

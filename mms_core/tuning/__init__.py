@@ -1,0 +1,1 @@
+"""Hyperparameter tuning: Optuna studies whose trials are short training runs on Dask."""
