@@ -117,7 +117,7 @@ def _launch_once(
 def choose_workers(client: Client, *, job: TrainJob, allow_fewer: bool = False) -> list[str]:
     """The workers that host ranks 0..world_size-1 (``training.world_size``, default all), by address;
     with ``allow_fewer``, all there are when that is fewer than ``training.world_size``."""
-    workers = worker_addresses(client)
+    workers = rank_workers(client)
     if not workers:
         raise TrainingError(
             "the Dask cluster has no workers; start some (mms stack up, MMS_N_WORKERS) and retry"
@@ -129,13 +129,24 @@ def choose_workers(client: Client, *, job: TrainJob, allow_fewer: bool = False) 
 
 
 def worker_addresses(client: Client) -> list[str]:
-    """The addresses of the workers the scheduler knows now, sorted.
+    """The addresses of the workers the scheduler knows now, sorted."""
+    return sorted(_workers_info(client))
 
-    Asks the scheduler directly: ``client.scheduler_info()`` returns a cache that the client's
-    periodic refresh (every 2 s, fetched with no workers) may overwrite between the fetch and
-    the return, so it sometimes reads as "no workers" (a false worker loss, seen in CI under load).
-    """
-    return sorted(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+def rank_workers(client: Client) -> list[str]:
+    """The workers that may host a training rank, sorted: those advertising the Dask resource
+    ``GPU`` (``dask cuda worker --resources GPU=1``) when the cluster has any, else all of them.
+    CPU workers beside GPU ones still run ingest, prediction and tuning trials."""
+    info = _workers_info(client)
+    gpu = [addr for addr, w in info.items() if (w.get("resources") or {}).get("GPU", 0) > 0]
+    return sorted(gpu or info)
+
+
+def _workers_info(client: Client) -> dict[str, dict[str, Any]]:
+    # Asks the scheduler directly: ``client.scheduler_info()`` returns a cache that the client's
+    # periodic refresh (every 2 s, fetched with no workers) may overwrite between the fetch and
+    # the return, so it sometimes reads as "no workers" (a false worker loss, seen in CI under load).
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
 def _watch(
