@@ -4,7 +4,9 @@ Two deployments of the `training-pipeline` flow: `digits-nightly` on a cron sche
 parameters of examples/digits.yaml, and `manual` (no schedule) for runs started from the UI or
 `prefect deployment run`; `batch-predict/manual` for batch prediction on demand; and
 `retention/daily` (cron, the MMS_RETENTION_* policy of the serving process) with
-`retention/manual`, a dry run by default (untick dry_run in the UI form to delete).
+`retention/manual`, a dry run by default (untick dry_run in the UI form to delete); and
+`tuning/manual` with the study of examples/digits-tune.yaml; `monitoring/hourly` (cron) and
+`monitoring/manual` (drift and health of a served model, retraining on drift).
 Serving needs a real Prefect server (`mms stack up`): against
 Prefect's temporary server the schedules and runs would vanish with the process.
 """
@@ -17,9 +19,11 @@ from typing import TYPE_CHECKING
 from prefect.deployments.runner import EntrypointType
 
 from flows.batch_predict import batch_predict
+from flows.monitoring import monitoring
 from flows.retention import retention
 from flows.serving_rollout import serving_rollout
 from flows.training_pipeline import training_pipeline
+from flows.tuning import tuning
 from mms_core.errors import MMSError
 from mms_core.spec import load_spec
 
@@ -27,9 +31,12 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
+TUNE_SPEC = DEFAULT_SPEC.with_name("digits-tune.yaml")
 NIGHTLY = "digits-nightly"
 MANUAL = "manual"
 DAILY = "daily"
+HOURLY = "hourly"
+MONITORING_CRON = "15 * * * *"  # hourly at a quarter past
 RETENTION_CRON = "30 3 * * *"  # after the nightly training has registered its version
 TAGS = ["mms"]
 
@@ -44,9 +51,11 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
 
     Returns:
         `[training-pipeline/digits-nightly, training-pipeline/manual, batch-predict/manual,
-        serving-rollout/manual, retention/daily, retention/manual]`: the first scheduled with
-        `cron` and the spec's parameters, retention/daily on `RETENTION_CRON`, the others
-        unscheduled.
+        serving-rollout/manual, retention/daily, retention/manual, tuning/manual,
+        monitoring/hourly, monitoring/manual]`: the first scheduled with
+        `cron` and the spec's parameters, retention/daily on `RETENTION_CRON`, monitoring/hourly
+        on `MONITORING_CRON` (the flow's defaults: digits-classifier@champion on 127.0.0.1:8000 and
+        its stream statistics; no retraining until fresh_data_uri is set), the others unscheduled.
 
     Raises:
         SpecError: The spec file is unreadable or invalid.
@@ -92,7 +101,34 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         description="On-demand retention; a dry run (lists what would go) unless dry_run is unticked.",
         **common,
     )
-    return [nightly, manual, predict, rollout, cleanup, cleanup_manual]
+    study = tuning.to_deployment(
+        MANUAL,
+        parameters=_tuning_parameters(),
+        description="On-demand tuning study (Optuna trials on Dask), then the best configuration "
+        "retrained and registered; edit the spec and the search space in the UI form.",
+        **common,
+    )
+    watch = monitoring.to_deployment(
+        HOURLY,
+        cron=MONITORING_CRON,
+        description="Hourly drift and health check of digits-classifier@champion served on "
+        "127.0.0.1:8000 (and its stream statistics); set fresh_data_uri to retrain on drift.",
+        **common,
+    )
+    watch_manual = monitoring.to_deployment(
+        MANUAL, description="On-demand drift and health check of a served model.", **common
+    )
+    return [nightly, manual, predict, rollout, cleanup, cleanup_manual, study, watch, watch_manual]
+
+
+def _tuning_parameters() -> dict:
+    """examples/digits-tune.yaml as the tuning form's defaults (the flow's own when absent)."""
+    if not TUNE_SPEC.exists():
+        return {}
+    from mms_core.tuning.space import load_tuning
+
+    spec, tune = load_tuning(TUNE_SPEC)
+    return {"spec": spec.model_dump(mode="json"), "tune": tune.model_dump(mode="json")}
 
 
 def serve_deployments(

@@ -173,18 +173,27 @@ def stream(
     idle_exit_s: Annotated[
         float | None, typer.Option(help="Stop after this long with nothing to do; default: run until Ctrl-C.")
     ] = None,
+    stats_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where consumers write input/prediction statistics for `monitoring` "
+            "(default <storage>/monitoring/NAME/stream)."
+        ),
+    ] = None,
 ) -> None:
     """Streaming predictor: consume a Redis Stream (consumer group) or NDJSON files on Dask workers."""
     from infra.cluster import dask_client
     from mms_core.config import Settings
     from mms_core.errors import MMSError
+    from mms_core.monitoring.live import stream_stats_uri
     from mms_core.serving.stream import StreamOptions, stream_registered
 
     use_stack_if_up(settings_from_env())
     settings = Settings()
     source = source or str(settings.home / "stream" / "in")
     sink = sink or str(settings.home / "stream" / "out")
-    options = StreamOptions(batch_size=batch_size, idle_exit_s=idle_exit_s)
+    stats_dir = stats_dir or stream_stats_uri(storage_root=settings.storage_root, model=model)
+    options = StreamOptions(batch_size=batch_size, idle_exit_s=idle_exit_s, stats_uri=stats_dir)
     console.print(f"streaming {source} -> {sink} with {model} ({consumers} consumers; Ctrl-C stops)")
     with dask_client(settings) as client:
         try:

@@ -31,3 +31,8 @@ class MeteringError(MMSError):
 
 class RetentionError(MMSError):
     """A retention policy is invalid or would delete something protected (an aliased version)."""
+
+
+class MonitoringError(MMSError, ValueError):
+    """Monitoring cannot run: a threshold out of range, no training statistics or live ones, an
+    unreachable server. Also a ValueError, so a pydantic validator raising it reports it as invalid."""

@@ -12,6 +12,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -146,10 +147,11 @@ def run_tags(*, tracking_uri: str, run_id: str, prefix: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k.startswith(prefix)}
 
 
-def load_package(*, tracking_uri: str, model: str) -> tuple[PackageConfig, bytes, str]:
-    """Read a registered model's package by ``NAME@ALIAS`` or ``NAME/VERSION``.
+def model_version(*, tracking_uri: str, model: str) -> ModelVersion:
+    """The registered version named by ``NAME@ALIAS`` or ``NAME/VERSION``.
 
-    Returns (config, weights bytes, version). Raises ModelLoadError naming what was not found.
+    Raises:
+        ModelLoadError: the reference is malformed or names nothing registered.
     """
     name, sep, ref = model.removeprefix("models:/").partition("@")
     if not sep:
@@ -160,9 +162,18 @@ def load_package(*, tracking_uri: str, model: str) -> tuple[PackageConfig, bytes
         )
     c = client(tracking_uri=tracking_uri)
     try:
-        version = c.get_model_version_by_alias(name, ref) if sep else c.get_model_version(name, ref)
+        return c.get_model_version_by_alias(name, ref) if sep else c.get_model_version(name, ref)
     except MlflowException as exc:
         raise ModelLoadError(f"no registered model {model!r} in {tracking_uri}: {exc.message}") from None
+
+
+def load_package(*, tracking_uri: str, model: str) -> tuple[PackageConfig, bytes, str]:
+    """Read a registered model's package by ``NAME@ALIAS`` or ``NAME/VERSION``.
+
+    Returns (config, weights bytes, version). Raises ModelLoadError naming what was not found.
+    """
+    version = model_version(tracking_uri=tracking_uri, model=model)
+    name = version.name
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(
             mlflow.artifacts.download_artifacts(

@@ -20,6 +20,7 @@ from mms_core.data.shard import load_manifest, read_shard
 from mms_core.evaluate import EvalResult, GateDecision, evaluate, gate
 from mms_core.models import ModelSpec, build_model
 from mms_core.models.zoo import resolve_builder
+from mms_core.monitoring.reference import save_reference
 from mms_core.packaging import PackageConfig
 from mms_core.spec import PipelineSpec
 from mms_core.training.checkpoint import state_bytes
@@ -131,6 +132,8 @@ def register_trained(
         np.asarray(read_shard(manifest.test)[0][:5]) * manifest.std + manifest.mean, columns=manifest.features
     ).astype(np.float32)
     common = dict(tracking_uri=tracking_uri, run_id=run_id, name=name, example=example)
+    if evaluation.perplexity is None:  # a classifier: training statistics for drift monitoring
+        save_reference(tracking_uri=tracking_uri, run_id=run_id, manifest=manifest)
     tags = {**lineage, registry.TAG_ACCURACY: f"{evaluation.accuracy:.6f}", "mms.gate": decision.reason}
     version = registry.register_package(
         **common,

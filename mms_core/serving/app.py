@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from mms_core.errors import MMSError
+from mms_core.monitoring.stats import RunningStats
 from mms_core.packaging import PackageConfig
 from mms_core.serving.config import ServeConfig
 from mms_core.serving.metering import ApiKey, KeyStore, QuotaLimiter, UsageMeter
@@ -101,6 +102,9 @@ def create_app(
         nan_policy=config.nan_policy,
     )
     state: dict[str, Router] = {}
+    # Inputs and predictions per version, for drift monitoring (GET /v1/models/{name}/stats). Per
+    # version: each bins on its own training mean/std, as its training statistics were binned.
+    monitors = {model.version: _monitor(model.version, model.package)}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -180,6 +184,8 @@ def create_app(
                     rows=len(x), compute_ms=reply.compute_ms,
                 )  # fmt: skip
             metrics.rows.labels(version=reply.version).inc(len(x))
+            if reply.version in monitors:
+                monitors[reply.version].update(x, reply.labels)
             predictions = reply.labels.tolist()
             body = {"predictions": predictions, "model": model.name, "version": reply.version}
             response = Response(orjson.dumps(body), media_type="application/json")
@@ -197,6 +203,24 @@ def create_app(
     @app.post("/v1/models/{name}/predict", summary="Predict rows with the served model")
     async def predict_v1(name: str, request: Request) -> Response:
         return await predict(request, "predict", name)
+
+    @app.get("/v1/models/{name}/stats", summary="Running input statistics and predicted-class counts")
+    async def stats(name: str, request: Request, version: str | None = None) -> Response:
+        try:
+            authenticate(request)
+            if name != model.name:
+                raise ApiError(
+                    404, "unknown_model", f"model {name!r} is not served here; served: {model.name!r}"
+                )
+            version = version or model.version
+            if version not in monitors:
+                raise ApiError(
+                    404, "unknown_version",
+                    f"no statistics of version {version}: this server has served {sorted(monitors)}",
+                )  # fmt: skip
+            return Response(monitors[version].snapshot().model_dump_json(), media_type="application/json")
+        except Exception as exc:
+            return error_response(exc)
 
     @app.post("/invocations", summary="MLflow scoring protocol (inputs, instances, dataframe_split)")
     async def invocations(request: Request) -> Response:
@@ -238,18 +262,27 @@ def create_app(
         ]
         return {"models": [{"name": model.name, "features": len(schema.features), "versions": versions}]}
 
-    _admin_routes(app, state=state, authenticate=authenticate, loader=loader, config=config)
+    _admin_routes(
+        app, state=state, authenticate=authenticate, loader=loader, config=config, monitors=monitors
+    )
     _error_handlers(app)
     return app
 
 
-def _admin_routes(app: FastAPI, *, state, authenticate, loader: Loader | None, config: ServeConfig) -> None:
+def _monitor(version: str, package: PackageConfig) -> RunningStats:
+    return RunningStats(features=package.features, mean=package.mean, std=package.std, version=version)
+
+
+def _admin_routes(
+    app: FastAPI, *, state, authenticate, loader: Loader | None, config: ServeConfig, monitors: dict
+) -> None:
     @app.post("/admin/versions", summary="Load another registered version beside the current one")
     async def add_version(body: AddVersion, request: Request) -> dict[str, object]:
         authenticate(request, admin=True)
         if loader is None:
             raise ApiError(400, "no_registry", "this server was started without a registry to load from")
         package, weights, version = await asyncio.to_thread(loader, body.version)
+        monitors.setdefault(version, _monitor(version, package))
         router = state["router"]
         await router.add_version(
             version=version, package=package, weights=weights,

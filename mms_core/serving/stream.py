@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from distributed import Client, Event, secede
 
 from mms_core import storage
+from mms_core.monitoring.stats import RunningStats
 from mms_core.packaging import PackageConfig
 from mms_core.serving.payload import InputSchema
 from mms_core.serving.predictors import cached_predictor
@@ -147,10 +148,16 @@ def consume(
         index=index,
         n_consumers=n_consumers,
         stop=stop,
+        monitor=RunningStats(
+            features=config.features, mean=config.mean, std=config.std, version=model_version
+        ),
     )
-    if isinstance(src, RedisStream) and isinstance(dst, RedisStream):
-        return consume_redis(run, RedisIO(src, dst.stream, opts, consumer=run.name))
-    return _consume_ndjson(run, str(src), str(dst))
+    try:
+        if isinstance(src, RedisStream) and isinstance(dst, RedisStream):
+            return consume_redis(run, RedisIO(src, dst.stream, opts, consumer=run.name))
+        return _consume_ndjson(run, str(src), str(dst))
+    finally:
+        run.write_stats(force=True)
 
 
 def _consume_ndjson(run: ConsumerRun, src: str, dst: str) -> ConsumerStats:

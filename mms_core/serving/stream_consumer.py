@@ -12,7 +12,9 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mms_core import storage
 from mms_core.errors import MMSError
+from mms_core.monitoring.stats import RunningStats
 from mms_core.packaging import Predictor
 from mms_core.serving.payload import InputSchema, NanPolicy, PayloadError, parse_body
 
@@ -38,6 +40,11 @@ class StreamOptions(BaseModel):
     """Stop after this long with no new message and nothing pending; None runs until stopped."""
     nan_policy: NanPolicy = "reject"
     """``reject`` answers a message holding NaN/inf with an error; ``impute`` uses the training mean."""
+    stats_uri: str | None = None
+    """Directory (fsspec URI) where consumer i writes ``consumer-i.json``: its running input statistics
+    and predicted-class counts, for the monitoring flow. None keeps none."""
+    stats_every_s: float = Field(10.0, gt=0)
+    """How often a consumer rewrites its statistics file (and once more when it stops)."""
 
 
 class _Counts(BaseModel):
@@ -80,8 +87,10 @@ class ConsumerRun:
     index: int
     n_consumers: int
     stop: StopFlag | None
+    monitor: RunningStats | None = None
     _asked: float = 0.0
     _stopped: bool = False
+    _stats_written: float = 0.0
 
     def stopped(self) -> bool:
         # A distributed.Event costs a scheduler round trip: ask every 0.2 s, not every batch.
@@ -101,11 +110,27 @@ class ConsumerRun:
             except PayloadError as exc:
                 results[i] = {"error": str(exc)}
         if parsed:
-            labels = self.predictor.predict_array(np.concatenate(list(parsed.values())))
+            x = np.concatenate(list(parsed.values()))
+            labels = self.predictor.predict_array(x)
             bounds = np.cumsum([len(x) for x in parsed.values()])[:-1]
             for i, part in zip(parsed, np.split(labels, bounds), strict=True):
                 results[i] = {"predictions": part.tolist()}
+            if self.monitor is not None:
+                self.monitor.update(x, labels)
+                self.write_stats()
         return results
+
+    def write_stats(self, *, force: bool = False) -> None:
+        """Rewrite this consumer's statistics file (atomically) every ``options.stats_every_s``."""
+        uri = self.options.stats_uri
+        if self.monitor is None or uri is None or not self.monitor.rows:
+            return  # a consumer that saw nothing keeps the file of the last one that did
+        if force or time.monotonic() - self._stats_written >= self.options.stats_every_s:
+            storage.write_bytes_atomic(
+                storage.join(uri, f"consumer-{self.index}.json"),
+                self.monitor.snapshot().model_dump_json().encode(),
+            )
+            self._stats_written = time.monotonic()
 
 
 def decode_json(text: str, what: str) -> Any:

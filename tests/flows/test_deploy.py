@@ -16,9 +16,10 @@ import psutil
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
-from flows.deploy import DAILY, MANUAL, NIGHTLY, RETENTION_CRON, deployments
+from flows.deploy import DAILY, MANUAL, MONITORING_CRON, NIGHTLY, RETENTION_CRON, deployments
 from infra.stack import stack_down, stack_env, stack_up
 from mms_core.spec import PipelineSpec, load_spec
+from mms_core.tuning.space import load_tuning
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -26,7 +27,9 @@ FAST = ["training.epochs=2", "evaluate.min_accuracy=0.0", "registry.experiment=t
 
 
 def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
-    nightly, manual, predict, rollout, cleanup, cleanup_manual = deployments(cron="30 3 * * 1")
+    nightly, manual, predict, rollout, cleanup, cleanup_manual, study, watch, watch_manual = deployments(
+        cron="30 3 * * 1"
+    )
 
     assert (nightly.name, manual.name) == (NIGHTLY, MANUAL) == ("digits-nightly", "manual")
     assert nightly.flow_name == manual.flow_name == "training-pipeline"
@@ -47,6 +50,17 @@ def test_deployments_nightly_on_cron_with_spec_and_manual_unscheduled() -> None:
     assert (cleanup_manual.name, cleanup_manual.schedules) == (MANUAL, [])
     assert cleanup_manual.parameters == {"policy": {"dry_run": True}}  # safe by default
     assert cleanup.entrypoint == cleanup_manual.entrypoint == "flows.retention.retention"
+    assert (study.flow_name, study.name, study.schedules) == ("tuning", MANUAL, [])
+    assert study.entrypoint == "flows.tuning.tuning"
+    tune_spec, tune = load_tuning(REPO / "examples" / "digits-tune.yaml")
+    assert (watch.flow_name, watch.name, watch_manual.name) == ("monitoring", "hourly", MANUAL)
+    assert [s.schedule.cron for s in watch.schedules] == [MONITORING_CRON] and watch_manual.schedules == []
+    assert watch.entrypoint == watch_manual.entrypoint == "flows.monitoring.monitoring"
+    assert watch.parameters == watch_manual.parameters == {}  # the flow's defaults; UI form to change
+    assert study.parameters == {
+        "spec": tune_spec.model_dump(mode="json"),
+        "tune": tune.model_dump(mode="json"),
+    }
 
 
 def test_serve_refuses_to_run_without_a_prefect_server(tmp_path: Path) -> None:

@@ -119,6 +119,50 @@ def test_compose_variables_all_have_an_example_and_no_real_secret_is_committed()
     assert "CREATE DATABASE prefect" in init and "CREATE DATABASE optuna" in init
 
 
+def _image_uid() -> int:
+    return int(
+        re.search(r"useradd [^\n]*--uid (\d+)", (INFRA / "docker" / "Dockerfile").read_text()).group(1)
+    )
+
+
+def _deploy_spec_exists(args: list[str]) -> None:
+    """`mms deploy` in the image needs --spec: the installed flows package has no examples/ beside it
+    (flows/deploy.py DEFAULT_SPEC), and the image's working directory is the source tree."""
+    assert args[:2] == ["mms", "deploy"] and "--spec" in args, args
+    assert (REPO / args[args.index("--spec") + 1]).is_file()
+
+
+def test_compose_shares_mms_home_between_deploy_serve_and_workers():
+    services = yaml.safe_load((INFRA / "compose" / "docker-compose.yml").read_text())["services"]
+    home = services["mms-deploy"]["environment"]["MMS_HOME"]
+    for name in ("mms-deploy", "mms-serve", "dask-worker"):
+        assert services[name]["environment"]["MMS_HOME"] == home
+        # API keys (metering.db) and serving leases live under MMS_HOME; retention runs in mms-deploy.
+        assert f"mms-home:{home}" in services[name]["volumes"], name
+    _deploy_spec_exists(services["mms-deploy"]["command"])
+
+
+def test_k8s_deploy_and_serve_share_mms_home_on_a_read_write_many_volume():
+    docs = _k8s()
+    (claim,) = [
+        d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "mms-home"
+    ]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # two pods, maybe on two nodes
+    home = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["MMS_HOME"]
+    deployments = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"
+    }
+    for name in ("mms-deploy", "mms-serve"):
+        pod = deployments[name]
+        (volume,) = [
+            v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "mms-home"
+        ]
+        (c,) = pod["containers"]
+        assert {"name": volume["name"], "mountPath": home} in c["volumeMounts"], name
+        assert pod["securityContext"]["fsGroup"] == _image_uid()  # the non-root user can write it
+    _deploy_spec_exists(deployments["mms-deploy"]["containers"][0]["args"])
+
+
 def test_dockerfile_installs_what_pyproject_and_the_makefile_do():
     docker = (INFRA / "docker" / "Dockerfile").read_text()
     makefile = (REPO / "Makefile").read_text()
@@ -139,12 +183,31 @@ def test_the_image_dask_config_is_the_one_local_clusters_get():
     assert yaml.safe_load((INFRA / "docker" / "dask-worker.yaml").read_text()) == WORKER_DASK_CONFIG
 
 
+# Every key SLURMCluster/SLURMJob read with dask.config.get("jobqueue.<config_name>.<key>") (dask-jobqueue
+# 0.9.0). Only the section named `slurm` has defaults from dask-jobqueue itself; any other config name
+# without one of these fails at SLURMCluster(config_name=...) with a KeyError.
+JOBQUEUE_SLURM_KEYS = {
+    "name", "cores", "memory", "processes", "python", "interface", "death-timeout", "local-directory",
+    "shared-temp-directory", "extra", "worker-command", "worker-extra-args", "shebang", "queue", "account",
+    "walltime", "env-extra", "job-script-prologue", "job-cpu", "job-mem", "job-extra",
+    "job-extra-directives", "job-directives-skip", "log-directory", "scheduler-options",
+}  # fmt: skip
+
+
 def test_jobqueue_config_has_what_dask_jobqueue_needs():
     queues = yaml.safe_load((INFRA / "slurm" / "jobqueue.yaml").read_text())["jobqueue"]
     for name in ("slurm", "slurm-gpu"):
         q = queues[name]
-        assert {"cores", "memory", "processes", "walltime", "queue"} <= set(q), name
+        assert not JOBQUEUE_SLURM_KEYS - set(q), (name, sorted(JOBQUEUE_SLURM_KEYS - set(q)))
         assert q["processes"] == 1 and isinstance(q["cores"], int)
+        args = q["worker-extra-args"]
+        assert args[args.index("--nthreads") + 1] == "1"  # one rank per worker process
+        assert any("DASK_CONFIG=" in line and "infra/docker/dask-worker.yaml" in line
+                   for line in q["job-script-prologue"])  # fmt: skip
+    assert queues["slurm"]["worker-command"] == "distributed.cli.dask_worker"
+    assert (
+        queues["slurm-gpu"]["worker-command"] == "dask_cuda.cli"
+    )  # python -m dask_cuda.cli = dask cuda worker
     gpu = queues["slurm-gpu"]
     assert gpu["worker-extra-args"][gpu["worker-extra-args"].index("--resources") + 1] == "GPU=1"
     assert any("gpu" in d for d in gpu["job-extra-directives"])

@@ -65,6 +65,25 @@ def test_every_format_answers_what_the_model_answers(server, digits_package, dig
     assert r.json()["predictions"] == expected
 
 
+def test_stats_count_every_predicted_row_for_monitoring(server, digits_package, digits_rows):
+    config, weights = digits_package
+    before = httpx.get(f"{server}/v1/models/digits/stats").json()
+    rows = digits_rows[100:160]
+    r = httpx.post(f"{server}/v1/models/digits/predict", json={"inputs": rows.tolist()})
+    assert r.status_code == 200
+    after = httpx.get(f"{server}/v1/models/digits/stats").json()
+    assert after["rows"] - before["rows"] == 60 and after["features"] == config.features
+    added = Counter({k: n - before["classes"].get(k, 0) for k, n in after["classes"].items()})
+    assert +added == Counter(str(p) for p in r.json()["predictions"])
+    per_feature = [sum(a) - sum(b) for a, b in zip(after["counts"], before["counts"], strict=True)]
+    assert per_feature == [60] * 64
+    assert after["version"] == "1" and httpx.get(f"{server}/v1/models/digits/stats?version=1").json() == after
+    missing = httpx.get(f"{server}/v1/models/other/stats")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_model"
+    other = httpx.get(f"{server}/v1/models/digits/stats", params={"version": "9"})
+    assert other.status_code == 404 and "has served ['1']" in other.json()["error"]["message"]
+
+
 def test_mlflow_scoring_client_works_unchanged(server, digits_package, digits_rows):
     from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import redis
 from distributed import Event
 
 from mms_core.errors import MMSError
+from mms_core.monitoring.live import read_stream
+from mms_core.monitoring.stats import merge
 from mms_core.packaging import Predictor, write_package
 from mms_core.serving.stream import StreamError, StreamOptions, run_stream
 
@@ -271,7 +274,9 @@ def test_ndjson_directories_are_answered_once(dask_client, digits_package, digit
         "model_version": "7",
         "source": str(tmp_path / "in"),
         "sink": str(tmp_path / "out"),
-        "options": StreamOptions(block_ms=100, idle_exit_s=0.3, batch_size=8),
+        "options": StreamOptions(
+            block_ms=100, idle_exit_s=0.3, batch_size=8, stats_uri=str(tmp_path / "stats")
+        ),
     }
     first = run_stream(**run)
 
@@ -288,11 +293,16 @@ def test_ndjson_directories_are_answered_once(dask_client, digits_package, digit
     direct = predictor.predict_array(digits_rows[:120]).tolist()
     assert [p for r in answered for p in r["predictions"]] == direct
     assert (first.files, first.messages, first.rows, first.errors) == (3, 61, 120, 1)
+    # each consumer left its input statistics and predicted-class counts for the monitoring flow
+    stats = merge(read_stream(str(tmp_path / "stats")))
+    assert stats.rows == 120 and stats.classes == {str(k): n for k, n in Counter(direct).items()}
+    assert np.asarray(stats.counts).sum(axis=1).tolist() == [120] * 64
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir()}
     again = run_stream(**run)
     assert (again.files, again.messages) == (0, 0)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir()} == before
+    assert merge(read_stream(str(tmp_path / "stats"))) == stats  # idle consumers keep the last statistics
 
 
 @pytest.mark.parametrize(
