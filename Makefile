@@ -27,17 +27,8 @@ test-fast: install  ## everything but the slow end-to-end tests
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install  ## benchmarks -> bench/data/*.jsonl and plots; figures go into bench/RESULTS.md
-	mkdir -p bench/data
-	$(PY) -m bench.ddp_overhead | tee bench/data/ddp_overhead_mms.jsonl
-	$(PY) -m bench.ddp_overhead --dask-malloc-trim dask-default | tee bench/data/ddp_overhead_dask_default.jsonl
-	$(PY) -m bench.pipeline_walltime | tee bench/data/pipeline_walltime.jsonl
-	$(PY) -m bench.batch_predict | tee bench/data/batch_predict.jsonl
-	$(PY) -m bench.fedavg_table | tee bench/data/fedavg_table.jsonl
-	$(PY) -m bench.strategies  # writes bench/data/strategies.jsonl and bench/strategies.png
-	$(PY) -m bench.comm_bytes  # appends to bench/data/comm_bytes.jsonl
-	$(PY) -m bench.serving | tee bench/data/serving.jsonl  # also draws bench/serving.png
-	$(PY) -m bench.plot
+bench: install  ## every benchmark at a size for 2 cores (< 15 min) -> bench/data/*.jsonl, bench/*.png, bench/RESULTS.md; BENCH_SIZE=full: each at its own defaults (~20 min)
+	$(PY) -m bench.run_all --size $(or $(BENCH_SIZE),quick)  # runs bench.plot and bench.report at the end, prints each time and the total
 
 clean:
 	rm -rf .mms mlruns .pytest_cache .ruff_cache

@@ -74,7 +74,11 @@ def make_job(*, manifest_uri: str, workdir: Path, epochs: int, batch_size: int) 
     return TrainJob(
         manifest_uri=manifest_uri,
         model=ModelSpec(name="mlp", kwargs={"hidden": [256, 256]}),
-        train=TrainSpec(epochs=epochs, batch_size=batch_size, checkpoint_every=0, world_size=WORLD_SIZE),
+        # resume=False: every rep shares checkpoint_uri, and the loop always writes an epoch-end
+        # checkpoint, so a resuming rep would find the previous rep's last one and train nothing.
+        train=TrainSpec(
+            epochs=epochs, batch_size=batch_size, checkpoint_every=0, resume=False, world_size=WORLD_SIZE
+        ),
         output_uri=str(workdir / "model.safetensors"),
         checkpoint_uri=str(workdir / "checkpoints"),
         num_threads=1,
@@ -161,6 +165,8 @@ def run_torchrun(*, job: TrainJob, workdir: Path) -> tuple[RankResult, float, st
 
 def samples_per_s(*, result: RankResult, batch_size: int) -> float:
     """Training-loop throughput over all ranks: steps * batch_size * world_size / train_seconds."""
+    if result.train_seconds <= 0:  # e.g. a run that resumed a finished checkpoint: it measured nothing
+        raise RuntimeError(f"run trained for {result.train_seconds} s: nothing measured")
     return result.steps * batch_size * WORLD_SIZE / result.train_seconds
 
 

@@ -60,10 +60,10 @@ minutes: two compiles, 300 timed steps per path, two 1.5 GB epoch-end checkpoint
 ``--mms auto`` picks ``ddp`` there. MMS_WORKER_MEMORY only matters if dask-cuda fails to import
 and infra.cluster falls back to a LocalCluster (4 GiB per worker is too little for a 124M model's
 checkpoint; the mms line's ``cluster`` then says LocalCluster, not LocalCUDACluster). Afterwards,
-append the returned gpt_throughput.jsonl to bench/data/gpt_throughput.jsonl, and put into
-bench/RESULTS.md a table from its lines: plain and mms tokens/s and MFU, the mms epochs, ratio
-mms/plain, each over 388k/420k/463k (``vs_anchors``), ``meets_goal``, the device, torch version,
-date, and the command (each line's ``command`` field; the GPU command above).
+append the returned gpt_throughput.jsonl to bench/data/gpt_throughput.jsonl and run ``python -m
+bench.report``: bench/RESULTS.md's GPT section then tabulates its lines (plain and mms tokens/s
+and MFU, ratio mms/plain, each over 388k/420k/463k, >= 420k, the device and date), labelled as a
+device-tool run (bench/report_gpu.py quotes the GPU command above from this docstring).
 
 CPU smoke test (every path but the CUDA-only options; ~1-1.5 minutes on 2 cores):
 

@@ -1,0 +1,161 @@
+"""The online-serving tables of bench/RESULTS.md (bench.serving's summary lines)."""
+
+from __future__ import annotations
+
+from bench.report_data import Context, num, table, verdict
+
+SERVER_LABELS = {
+    "mms": "ours, `POST /v1/models/digits-classifier/predict`",
+    "mms serve (CLI)": "`mms serve` (the CLI process itself)",
+    "inprocess": "reference: same uvicorn + FastAPI + parser, model on the loop, no Dask hop",
+    "mlflow-w1": "`mlflow models serve` (`/invocations`, dataframe_split), baseline",
+}
+RAY_SERVE_MS, TORCHSERVE_MS = 2.0, 3.0  # added per request: Ray Serve 1-2 ms, TorchServe ~3 ms
+RAY_SERVE_RPS_PER_CORE = 500  # 3-4k no-op QPS on 8 cores
+TRITON_GAIN = 3.7
+
+
+def _level(x: dict | None) -> str:
+    return "-" if not x else f"{num(x['rps'])} ({x['concurrency']}, {x['p99_ms']:.1f} ms)"
+
+
+def added_latency(lines: list[dict]) -> list[str]:
+    direct = next(x for x in lines if x.get("measure") == "direct" and x["model"] == "digits-classifier")
+    rows = [
+        (
+            "model alone: `Predictor.predict_array` in-process, 1 thread",
+            f"{direct['p50_ms']:.3f}",
+            f"{direct['p99_ms']:.3f}",
+            "",
+            "",
+        )
+    ]
+    for s in (x for x in lines if x.get("summary") == "added_latency"):
+        vs = ""
+        if s["server"] == "mms":
+            vs = (
+                f"{s['added_p50_ms'] / RAY_SERVE_MS:.2f}x Ray Serve's 2 ms, "
+                f"{s['added_p50_ms'] / TORCHSERVE_MS:.2f}x TorchServe's 3 ms"
+            )
+        added = f"+{s['added_p50_ms']:.2f} / +{s['added_p99_ms']:.2f}"
+        rows.append(
+            (
+                SERVER_LABELS.get(s["server"], s["server"]),
+                f"{s['p50_ms']:.2f}",
+                f"{s['p99_ms']:.2f}",
+                f"**{added}**" if s["server"] == "mms" else added,
+                vs,
+            )
+        )
+    return table(
+        [
+            "1 client, sequential, digits MLP, 1 row",
+            "p50 ms",
+            "p99 ms",
+            "added p50 / p99 ms",
+            "added p50 vs anchors (Ray Serve +1-2 ms, TorchServe +3 ms)",
+        ],
+        rows,
+    )
+
+
+def per_core(lines: list[dict]) -> list[str]:
+    t = next(x for x in lines if x.get("summary") == "throughput_per_core")
+    row = (
+        f"peak, batching on ({t['concurrency']} clients)",
+        num(t["rps"]),
+        f"{t['p50_ms']:.1f} / {t['p99_ms']:.1f}",
+        f"{t['server_cores']:.2f} ({t['server_main_cores']:.2f})",
+        f"{t['loadgen_cores']:.2f}",
+        f"**{num(t['rps_per_server_core'])}**",
+        num(t["rps_per_box_core"]),
+        f"{t['rps_per_server_core'] / RAY_SERVE_RPS_PER_CORE:.1f}x",
+    )
+    return table(
+        [
+            "digits MLP",
+            "rps",
+            "p50 / p99 ms",
+            "server cores (main)",
+            "load gen cores",
+            "rps per server core",
+            "rps per box core",
+            "vs Ray Serve's ~375-500 no-op rps per core",
+        ],
+        [row],
+    )
+
+
+def batching(lines: list[dict]) -> list[str]:
+    direct = {x["model"]: x["p50_ms"] for x in lines if x.get("measure") == "direct"}
+    rows = []
+    for g in (x for x in lines if x.get("summary") == "batching_gain"):
+        by = g.get("ratio_by_slo", {})
+        others = " / ".join(num(by.get(f"p99<={s}ms"), 2) for s in (25, 100, 200))
+        gain = g.get("ratio")
+        rows.append(
+            (
+                f"{g['model']} ({direct.get(g['model'], 0):.2f} ms a row)",
+                _level(g.get("batched")),
+                _level(g.get("unbatched")),
+                f"**{num(gain, 2)}x**" if gain else "-",
+                others,
+                f"{g['ratio_at_peak']:.2f}x",
+                f"{gain / TRITON_GAIN:.2f}" if gain else "-",
+            )
+        )
+    return table(
+        [
+            "model",
+            "batching 64: rps (clients, p99)",
+            "batching off (baseline): rps (clients, p99)",
+            "gain, p99 <= 50 ms",
+            "gain, p99 <= 25 / 100 / 200 ms",
+            "peak / peak",
+            "gain / Triton's 3.7x",
+        ],
+        rows,
+    )
+
+
+def vs_mlflow(lines: list[dict]) -> list[str]:
+    rows = []
+    for m in (x for x in lines if x.get("summary") == "vs_mlflow"):
+        by = m.get("ratio_by_concurrency", {})
+        rows.append(
+            (
+                f"`mlflow models serve -w {m['mlflow'].rsplit('w', 1)[-1]}`",
+                _level(m.get("ours_at_slo")),
+                _level(m.get("mlflow_at_slo")),
+                f"**{num(m.get('ratio_at_slo'), 1)}x**",
+                f"{num(m['ratio_peak_rps'], 1)}x",
+                ", ".join(f"{c}: {r:g}x" for c, r in by.items()),
+                f">= {m['goal']:g}x: {verdict(m['meets_goal'])}",
+            )
+        )
+    return table(
+        [
+            "baseline",
+            "ours: best rps with p99 <= 50 ms (clients, p99)",
+            "MLflow: same",
+            "ratio",
+            "peak / peak",
+            "ratio by clients",
+            "goal",
+        ],
+        rows,
+    )
+
+
+def serving(ctx: Context) -> list[str]:
+    """Added latency, requests/s per core, batching gain and /invocations vs MLflow."""
+    lines = ctx.lines("serving")
+    env = next((x for x in lines if x.get("measure") == "env"), {})
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
+    out = [f"Versions: {versions}." if versions else "", ""]
+    out += added_latency(lines) + [""] + per_core(lines)
+    out += ["", "Dynamic batching gain at equal p99 (highest rps among the load levels within the SLO):", ""]
+    out += batching(lines)
+    out += ["", "Our `/invocations` vs `mlflow models serve`, same model, load generator and body:", ""]
+    out += vs_mlflow(lines)
+    return out

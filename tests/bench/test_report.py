@@ -1,0 +1,221 @@
+"""bench.report on small fixture data (never the real bench/data): tables and ratios, 'not
+measured' for benchmarks without data, GPU rows, idempotence and the atomic write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+MACHINE = "Linux-test-x86_64 nproc=2"
+DATE = "2026-11-30T10:00:00+00:00"
+
+
+def write(path: Path, lines: list[dict]) -> None:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def ddp_lines() -> list[dict]:
+    stamp = {"bench": "ddp_overhead", "machine": MACHINE, "date": DATE}
+    reps = [
+        stamp | {"path": p, "rep": r, "samples_per_s": s, "epochs": 4}
+        for r in (1, 2, 3)
+        for p, s in (("dask", 9_500.0), ("torchrun", 10_000.0))
+    ]
+    final = stamp | {
+        "path": "dask/torchrun",
+        "ratio": 0.95,
+        "goal": 0.95,
+        "meets_goal": True,
+        "samples_per_s": {"dask": 9_500.0, "torchrun": 10_000.0},
+        "wall_s": {"dask": 10.0, "torchrun": 11.0},
+        "same_params": True,
+    }
+    return [*reps, final]
+
+
+def strategies_lines() -> list[dict]:
+    stamp = {"bench": "strategies", "machine": MACHINE, "date": DATE}
+    med = [
+        ("ddp", 1, 20_000.0, 1.0, None, True),
+        ("ddp", 2, 10_000.0, 1.0, 0.5, True),
+        ("fsdp", 1, 20_000.0, 1.0, None, True),
+        ("fsdp", 2, 2_500.0, 0.25, 0.125, True),
+    ]
+    return [
+        stamp | {"stat": "start", "load_avg": "0.10 0.20 0.30", "epochs": 4, "batch_size": 64},
+        *(
+            stamp
+            | {"stat": "median", "strategy": s, "world_size": ws, "samples_per_s": sps, "n": 1}
+            | {"vs_ddp": vs, "scaling": sc, "same_params_as_ddp": same}
+            for s, ws, sps, vs, sc, same in med
+        ),
+        stamp | {"stat": "end", "load_avg": "0.40 0.50 0.60", "elapsed_s": 12.5},
+    ]
+
+
+def pipeline_lines() -> list[dict]:
+    values = {
+        "mms_run_cli_wall_s": 40.0,
+        "prefect_temp_server_s": 10.0,
+        "flow_wall_warm_process_s": 10.0,
+        "task_train_s": 6.0,
+        "task_evaluate_s": 1.0,
+        "task_train_loop_only_s": 2.0,
+    }
+    stamp = {"bench": "pipeline_walltime", "machine": "x86_64 2 cpu", "date": "2026-11-30"}
+    return [stamp | {"measure": k, "value": v} for k, v in values.items()]
+
+
+def compress_lines() -> list[dict]:
+    stamp = {"bench": "compress", "machine": MACHINE, "date": DATE, "torch_threads": 1, "epochs": 30}
+    variant = stamp | {
+        "kind": "variant",
+        "variant": "int8 + prune 30%",
+        "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+        "full_bytes": 4000,
+        "compressed_bytes": 1000,
+        "size_ratio": 4.0,
+        "full_accuracy": 0.98,
+        "compressed_accuracy": 0.97,
+        "accuracy_drop": 0.01,
+        "latency_ms_256": {"full": 0.5, "compressed": 0.25},
+        "latency_ms_1": {"full": 0.05, "compressed": 0.1},
+    }
+    summary = stamp | {
+        "kind": "summary",
+        "variant": "int8 + prune 30%",
+        "size_ratio": 4.0,
+        "accuracy_drop": 0.01,
+        "size_goal": 3.0,
+        "accuracy_budget": 0.01,
+        "meets_goal": True,
+    }
+    return [variant, summary]
+
+
+def comm_bytes_run(date: str, inter_hier: int) -> list[dict]:
+    stamp = {"bench": "comm_bytes", "machine": MACHINE, "date": date}
+    measured = {"intra_recv": 100, "inter_recv": 100}
+    acc = {"flat_inter_recv_bytes": 90, "inter_recv_bytes": 60}
+    groups = {"groups": [[0, 1], [2, 3]], "steps": 5}
+    hier = {"intra_recv": 200, "inter_recv": inter_hier}
+    return [
+        stamp | {"kind": "run", "strategy": "ddp", "measured": measured} | groups,
+        stamp | {"kind": "run", "strategy": "hierarchical", "measured": hier} | groups,
+        stamp
+        | {"kind": "summary", "accounted": acc, "accounted_inter_ratio": 0.667, "params_max_abs_diff": 0},
+    ]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """Some benchmarks' data and a run record; serving, fedavg, batch_predict and GPU left out."""
+    d = tmp_path / "data"
+    d.mkdir()
+    write(d / "ddp_overhead_mms.jsonl", ddp_lines())
+    write(d / "strategies.jsonl", strategies_lines())
+    write(d / "pipeline_walltime.jsonl", pipeline_lines())
+    write(d / "compress.jsonl", compress_lines())
+    # an appending benchmark: two runs, the newer one counts
+    write(d / "comm_bytes.jsonl", comm_bytes_run(DATE, 80) + comm_bytes_run("2026-11-30T11:00:00+00:00", 50))
+    run = {"kind": "run", "date": DATE, "size": "quick", "command": "make bench", "platform": "Linux-test"}
+    run |= {"cores": 2, "memory_gib": 8.0, "python": "3.11.7", "versions": {"torch": "2.13.0+cpu"}}
+    benches = [
+        {"kind": "bench", "name": "compress", "command": "python -m bench.compress", "rc": 0, "wall_s": 12.0},
+        {"kind": "bench", "name": "strategies", "command": "python -m bench.strategies --reps 1", "rc": 0}
+        | {"wall_s": 90.0, "size": "quick"},
+        {"kind": "bench", "name": "batch_predict", "command": "python -m bench.batch_predict", "rc": 1}
+        | {"wall_s": 3.0},
+    ]
+    write(d / "make_bench.jsonl", [run, *benches, {"kind": "end", "benchmarks_s": 105.0}])
+    return d
+
+
+def build(data_dir: Path, tmp_path: Path, notes: str = "## compress\n\nNotes on compression.\n") -> str:
+    (tmp_path / "NOTES.md").write_text("Preamble, not copied.\n\n" + notes)
+    out = tmp_path / "out" / "RESULTS.md"
+    report.main(["--data-dir", str(data_dir), "--out", str(out), "--notes", str(tmp_path / "NOTES.md")])
+    return out.read_text()
+
+
+def section(text: str, title_start: str) -> str:
+    """The markdown of the section whose heading starts with ``title_start``."""
+    start = text.index(f"## {title_start}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_tables_and_ratios(data_dir: Path, tmp_path: Path) -> None:
+    text = build(data_dir, tmp_path)
+    assert text.startswith("# Benchmark results")
+    assert "Command: `make bench`" in text and "Linux-test, 2 cores, 8.0 GiB" in text
+
+    ddp = section(text, "Training overhead")
+    assert (
+        "| MMS cluster config (as deployed) | 2026-11-30T10:00 | 4 ep, 3 reps | 9,500 | 10,000 | **0.95** |"
+        in ddp
+    )
+    assert "Dask's default MALLOC_TRIM_THRESHOLD_ (diagnostic) | not measured" in ddp
+    assert "**met**, 0.95" in ddp
+    assert f"{MACHINE}, {DATE}" in ddp  # where and when its rows were measured
+
+    strategies = section(text, "Training strategies")
+    assert "| fsdp | 20,000 | 2,500 | 0.25 | 0.12 | yes |" in strategies
+    assert "| ddp | 20,000 | 10,000 | baseline | 0.50 | - |" in strategies
+    assert "(quick size, 90 s)" in strategies  # from the run record
+
+    pipeline = section(text, "Wall time")
+    assert "| Prefect temporary local server start | 10.00 | 25% |" in pipeline
+    # flow 10 s minus tasks (6 + 1 s; the loop-only figure is not a task) over 2 tasks
+    assert "| 1,500 ms | Prefect ~10-100 ms per task run | 15.0x the top of the range |" in pipeline
+
+    comp = section(text, "Compression")
+    assert "| int8 + prune 30% | 4,000 / 1,000 | **4.00x** | 0.9800 / 0.9700 | +1.00 |" in comp
+    assert "0.500 / 0.250 (2.00x)" in comp and "0.050 / 0.100 (0.50x)" in comp
+    assert "Notes on compression." in comp and "Preamble" not in text
+
+    comm = section(text, "Hierarchical")
+    assert "**0.500**" in comm  # the newer run (50 / 100), not the older (80 / 100)
+
+
+def test_missing_benchmarks_say_not_measured(data_dir: Path, tmp_path: Path) -> None:
+    text = build(data_dir, tmp_path)
+    assert "**Not measured**: no data in `bench/data/serving.jsonl`" in section(text, "Online serving")
+    assert "**Not measured**: no data in `bench/data/fedavg_table.jsonl`" in section(text, "Federated")
+    batch = section(text, "Batch prediction")
+    assert "**Not measured**" in batch and "`python -m bench.batch_predict`" in batch
+    assert "**failed (1)**" in text  # the run record's status
+    gpu = section(text, "GPT training throughput")
+    assert "not measured: no GPU machine lent" in gpu and "--device cuda" in gpu
+
+    (data_dir / "make_bench.jsonl").unlink()
+    text = build(data_dir, tmp_path)
+    assert "No `make bench` run record" in text
+
+
+def test_gpu_rows_are_labelled(data_dir: Path, tmp_path: Path) -> None:
+    stamp = {"bench": "gpt_throughput", "date": DATE, "device": "NVIDIA H100 80GB HBM3"}
+    stamp |= {"config": {"size": "gpt2", "seq": 1024, "batch": 16}, "machine": MACHINE}
+    write(
+        data_dir / "gpt_throughput.jsonl",
+        [
+            stamp | {"path": "plain", "tokens_per_s": 400_000.0, "mfu": 0.35},
+            stamp | {"path": "mms", "via": "ddp", "tokens_per_s": 420_000.0, "mfu": 0.37},
+        ],
+    )
+    gpu = section(build(data_dir, tmp_path), "GPT training throughput")
+    assert "GPU rows: measured on a lent GPU machine" in gpu
+    assert "not measured" not in gpu
+    assert "| NVIDIA H100 80GB HBM3 |" in gpu and "420,000 via ddp (37.0% MFU)" in gpu
+    assert "| 1.050 | 1.08 / 1.00 / 0.91 | yes |" in gpu
+
+
+def test_idempotent_and_atomic(data_dir: Path, tmp_path: Path) -> None:
+    first = build(data_dir, tmp_path)
+    second = build(data_dir, tmp_path)
+    assert first == second
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["RESULTS.md"]  # no temp file left
