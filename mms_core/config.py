@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(
         default=None, description="Address of a running Dask scheduler; default: a LocalCluster."
     )
+    artifact_uri: str | None = Field(
+        default=None,
+        description=(
+            "Root for the artifacts of experiments MMS creates (any MLflow artifact URI, e.g. s3://b/p);"
+            " default: <home>/artifacts with a database tracking URI, and the server's own"
+            " (its --artifacts-destination, proxied) with an http(s) MLflow server."
+        ),
+    )
     tuning_storage: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the Optuna study database; default sqlite:///<home>/optuna.db.",
@@ -55,7 +63,16 @@ class Settings(BaseSettings):
         return self.tuning_storage or f"sqlite:///{self.home / 'optuna.db'}"
 
     @property
-    def artifact_root(self) -> str:
+    def artifact_root(self) -> str | None:
+        """Where new experiments keep artifacts; None: leave it to the MLflow server.
+
+        A remote server stores artifacts where its operator said (S3 behind --artifacts-destination)
+        and proxies them to every client; a path on this host would be unreadable from the others.
+        """
+        if self.artifact_uri:
+            return self.artifact_uri.rstrip("/")
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return None
         return (self.home / "artifacts").as_uri()
 
     @property

@@ -98,17 +98,18 @@ def delete_version(
         return False
     c.delete_model_version(name, version)
     if model_id and model_id not in keep_model_ids:
-        _delete_logged_model(c, model_id)
+        _delete_logged_model(c, model_id, tracking_uri=tracking_uri)
     return True
 
 
-def _delete_logged_model(c: MlflowClient, model_id: str) -> None:
+def _delete_logged_model(c: MlflowClient, model_id: str, *, tracking_uri: str) -> None:
     try:
         logged = c.get_logged_model(model_id)
     except MlflowException:
         return  # already deleted
     # MLflow's own delete only marks the record; the bytes are what retention is for.
-    get_artifact_repository(logged.artifact_location).delete_artifacts()
+    # tracking_uri resolves mlflow-artifacts:/ locations (a server's proxied store) to that server.
+    get_artifact_repository(logged.artifact_location, tracking_uri=tracking_uri).delete_artifacts()
     c.delete_logged_model(model_id)
 
 

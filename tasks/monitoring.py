@@ -84,7 +84,7 @@ def live(
 
 @task(name="check-drift", cache_policy=NONE)
 def check(
-    *, tracking_uri: str, artifact_root: str, model: str, version: str, reference: StatsSnapshot,
+    *, tracking_uri: str, artifact_root: str | None, model: str, version: str, reference: StatsSnapshot,
     live: LiveStats, thresholds: DriftThresholds,
 ) -> CheckResult:  # fmt: skip
     result = check_and_log(

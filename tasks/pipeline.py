@@ -63,7 +63,9 @@ def shard_with_cache(*, ingested: IngestResult, spec: ShardSpec, root: str) -> s
 
 
 @task(name="start-tracking", cache_policy=NONE)
-def start_tracking(*, spec: PipelineSpec, manifest_uri: str, tracking_uri: str, artifact_root: str) -> str:
+def start_tracking(
+    *, spec: PipelineSpec, manifest_uri: str, tracking_uri: str, artifact_root: str | None
+) -> str:
     experiment = registry.ensure_experiment(
         tracking_uri=tracking_uri, name=spec.registry.experiment, artifact_root=artifact_root
     )

@@ -16,7 +16,9 @@ from tasks.tuning_events import TrialRuns
 
 
 @task(name="start-study-run", cache_policy=NONE)
-def start_study_run(*, spec: PipelineSpec, tune: TuneSpec, tracking_uri: str, artifact_root: str) -> str:
+def start_study_run(
+    *, spec: PipelineSpec, tune: TuneSpec, tracking_uri: str, artifact_root: str | None
+) -> str:
     """The study's parent MLflow run (trials are nested under it)."""
     experiment = registry.ensure_experiment(
         tracking_uri=tracking_uri, name=spec.registry.experiment, artifact_root=artifact_root

@@ -179,6 +179,10 @@ def test_served_manual_deployment_runs_on_the_stack_and_registers_a_model(tmp_pa
         assert versions, "no version of digits-classifier registered on the stack's MLflow server"
         assert {v.tags.get("mms.prefect_flow_run_id") for v in versions} == {str(run.id)}
         assert registry.get_model_version_by_alias("digits-classifier", "champion").run_id
+        # Model files went through the server to its --artifacts-destination, not to MMS_HOME.
+        served = list((tmp_path / "mlartifacts").rglob("weights.safetensors"))
+        assert served, "no model weights under the MLflow server's artifact destination"
+        assert not (tmp_path / "artifacts").exists()
     finally:
         # The serve process first: once its server is gone it ignores SIGTERM (design brief, section 2).
         if serve is not None:
