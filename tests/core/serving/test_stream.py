@@ -69,11 +69,14 @@ def _stream(client, package, url: str, src: str, dst: str, **options: object):  
     )
 
 
-def test_redis_answers_equal_direct_predictions(dask_client, digits_package, digits_rows, redis_url):
+def test_redis_answers_equal_direct_predictions(
+    dask_client, digits_package, digits_rows, redis_url, tmp_path
+):
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     src, dst = _names()
     sent = _produce(r, src, digits_rows[:300])
-    result = _stream(dask_client, digits_package, redis_url, src, dst, batch_size=16)
+    stats_uri = str(tmp_path / "stats")
+    result = _stream(dask_client, digits_package, redis_url, src, dst, batch_size=16, stats_uri=stats_uri)
 
     predictor = Predictor(config=digits_package[0], weights=digits_package[1])
     answers = {e["source_id"]: e for e in _sink(r, dst)}
@@ -85,6 +88,10 @@ def test_redis_answers_equal_direct_predictions(dask_client, digits_package, dig
     assert (result.messages, result.rows, result.errors) == (len(sent), 300, 0)
     # Both consumers ran and their counts add up (how the group splits the backlog is Redis's timing).
     assert len(result.consumers) == 2 and sum(c.messages for c in result.consumers) == len(sent)
+    # The consumers' input statistics and class counts, for the monitoring flow, cover every row.
+    stats = merge(read_stream(stats_uri))
+    direct = predictor.predict_array(digits_rows[:300]).tolist()
+    assert stats.rows == 300 and stats.classes == {str(k): n for k, n in Counter(direct).items()}
 
 
 def test_redis_reclaims_a_dead_consumers_batch(dask_client, digits_package, digits_rows, redis_url):
