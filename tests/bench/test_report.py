@@ -27,7 +27,9 @@ def ddp_lines() -> list[dict]:
     ]
     final = stamp | {
         "path": "dask/torchrun",
-        "ratio": 0.95,
+        "ratio": 0.96,  # median of the per-rep ratios, the headline; not 9,500 / 10,000
+        "rep_ratios": [0.9, 0.96, 0.97],
+        "ratio_of_medians": 0.95,
         "goal": 0.95,
         "meets_goal": True,
         "samples_per_s": {"dask": 9_500.0, "torchrun": 10_000.0},
@@ -156,11 +158,12 @@ def test_tables_and_ratios(data_dir: Path, tmp_path: Path) -> None:
 
     ddp = section(text, "Training overhead")
     assert (
-        "| MMS cluster config (as deployed) | 2026-11-30T10:00 | 4 ep, 3 reps | 9,500 | 10,000 | **0.95** |"
+        "| MMS cluster config (as deployed) | 2026-11-30T10:00 | 4 ep, 3 reps | 9,500 | 10,000 "
+        "| **0.96** (0.90-0.97) |"
         in ddp
     )
     assert "Dask's default MALLOC_TRIM_THRESHOLD_ (diagnostic) | not measured" in ddp
-    assert "**met**, 0.95" in ddp
+    assert "**met**, 0.96" in ddp
     assert f"{MACHINE}, {DATE}" in ddp  # where and when its rows were measured
 
     strategies = section(text, "Training strategies")
