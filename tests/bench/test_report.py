@@ -159,8 +159,7 @@ def test_tables_and_ratios(data_dir: Path, tmp_path: Path) -> None:
     ddp = section(text, "Training overhead")
     assert (
         "| MMS cluster config (as deployed) | 2026-11-30T10:00 | 4 ep, 3 reps | 9,500 | 10,000 "
-        "| **0.96** (0.90-0.97) |"
-        in ddp
+        "| **0.96** (0.90-0.97) |" in ddp
     )
     assert "Dask's default MALLOC_TRIM_THRESHOLD_ (diagnostic) | not measured" in ddp
     assert "**met**, 0.96" in ddp
