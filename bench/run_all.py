@@ -50,6 +50,10 @@ class Bench:
     fresh: bool = False  # remove the data file first (the benchmark appends to it)
 
 
+GPT_CPU = (
+    *("--size", "tiny", "--seq", "64", "--batch", "8", "--steps", "30", "--warmup", "5", "--epochs", "2"),
+    *("--mms", "both", "--device", "cpu", "--out", "bench/data/gpt_throughput_cpu.jsonl"),
+)
 BENCHES = (
     Bench("pipeline_walltime", "bench.pipeline_walltime"),  # ~1 min, no size knob
     # full: 8 epochs, 3 reps each (~80 s per invocation); quick: 4 epochs, 5 reps (~100 s): the
@@ -71,6 +75,16 @@ BENCHES = (
     Bench("fedavg_table", "bench.fedavg_table", quick=("--quick",)),
     # full: 7 load levels, 2 s each, MLflow -w 1 and -w 2, the CLI (~4 min); quick: 3 levels, 1 s
     Bench("serving", "bench.serving", quick=("--quick",)),
+    # GPT on CPU at tiny size, both sizes (~1 min): checks plain, run_ddp and `mms run` agree. The
+    # 124M GPU figure comes from the device tool (gpt_throughput.py's docstring), never from here.
+    Bench(
+        "gpt_throughput_cpu",
+        "bench.gpt_throughput",
+        quick=GPT_CPU,
+        full=GPT_CPU,
+        captures_stdout=False,
+        fresh=True,
+    ),
 )
 
 

@@ -216,6 +216,23 @@ def test_gpu_rows_are_labelled(data_dir: Path, tmp_path: Path) -> None:
     assert "| 1.050 | 1.08 / 1.00 / 0.91 | yes |" in gpu
 
 
+def test_cpu_smoke_rows_have_no_gpu_anchors(data_dir: Path, tmp_path: Path) -> None:
+    stamp = {"bench": "gpt_throughput", "date": DATE, "device": "cpu", "machine": MACHINE}
+    stamp |= {"config": {"size": "tiny", "seq": 64, "batch": 8}}
+    write(
+        data_dir / "gpt_throughput_cpu.jsonl",  # what make bench writes
+        [
+            stamp | {"path": "plain", "tokens_per_s": 40_000.0, "mfu": None},
+            stamp | {"path": "mms", "via": "cli", "tokens_per_s": 38_000.0, "mfu": None},
+        ],
+    )
+    gpu = section(build(data_dir, tmp_path), "GPT training throughput")
+    assert "not measured: no GPU machine lent" in gpu  # CPU rows are not GPU rows
+    assert (
+        "| cpu | 2026-11-30T10:00 | tiny, seq 64 x batch 8 | 40,000 | 38,000 via cli | 0.950 | - | - |" in gpu
+    )
+
+
 def test_idempotent_and_atomic(data_dir: Path, tmp_path: Path) -> None:
     first = build(data_dir, tmp_path)
     second = build(data_dir, tmp_path)
