@@ -41,6 +41,7 @@ class WorkerLost(TrainingError):
     def __init__(self, gone: list[str], remaining: int) -> None:
         super().__init__(f"worker(s) {gone} left the cluster during training")
         self.remaining, self.lost = remaining, len(gone)
+        self.step = 0  # the last checkpointed step, where the caller knows it
 
 
 def run_process_group(
@@ -73,7 +74,7 @@ def run_process_group(
                     f"(training.max_restarts={job.train.max_restarts})"
                 ) from exc
             relay({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": last_step})
-            _restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
+            restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -165,7 +166,8 @@ def _watch(
             # A rank whose peer died fails with a broken collective, sometimes before the
             # scheduler has noticed the dead worker: wait a little for that before blaming the rank.
             failed_at = failed_at or time.monotonic()
-            if not _peer_gone(errors) or time.monotonic() - failed_at > LOSS_GRACE_S:
+            text = " ".join(repr(f.exception()) for _, f in errors if f.status == "error")
+            if not looks_like_lost_peer(text) or time.monotonic() - failed_at > LOSS_GRACE_S:
                 rank, f = errors[0]
                 exc = f.exception() if f.status == "error" else None
                 raise TrainingError(
@@ -174,15 +176,16 @@ def _watch(
         time.sleep(0.2)
 
 
-def _peer_gone(errors: list) -> bool:
-    """True when a rank's error looks like a broken collective (its peer died), not its own bug."""
-    text = " ".join(repr(f.exception()) for _, f in errors if f.status == "error").lower()
+def looks_like_lost_peer(error_text: str) -> bool:
+    """True when an error looks like a broken connection to a peer that died (a collective, an
+    actor on another worker), not the task's own bug."""
+    text = error_text.lower()
     return any(
         s in text for s in ("connection", "gloo", "nccl", "timed out", "closed", "killedworker", "peer")
     )
 
 
-def _restart_workers(client: Client, *, at_least: int, hoped: int) -> None:
+def restart_workers(client: Client, *, at_least: int, hoped: int) -> None:
     """Kill and restart every worker (survivors are blocked in a collective), wait for the
     ``at_least`` that were alive, and a little longer for a replacement of the lost one (a nanny
     restarts a killed process; a cluster manager may add a worker): the run then keeps its world

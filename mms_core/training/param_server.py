@@ -14,8 +14,11 @@ The caller's thread (the driver) collects a snapshot of the server at each epoch
 ``checkpoint_every`` steps: it evaluates on the validation shard, emits the ``epoch`` event and
 a ``staleness`` event (``{"kind": "staleness", "epoch", "step", "histogram": {staleness: count}}``)
 and writes a checkpoint (model + merged optimizer state, resumable). Training never waits for it.
-A failed worker task or a lost worker fails the run at once, with the shards closed so that no
-other task waits for ever; rerun to resume from the last checkpoint.
+A failed worker task fails the run at once, with the shards closed so that no other task waits
+for ever. A lost worker (killed, out of memory, node gone) takes its shard's state with it, so
+the driver fails over as the DDP launcher does: it restarts the workers and starts the run again
+from the last checkpoint on the workers there are then, up to ``training.max_restarts`` times,
+with a ``restart`` event naming the steps that will be repeated.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ from mms_core.data.shard import load_manifest, read_shard
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
-from mms_core.training.launch import choose_workers, worker_addresses
+from mms_core.training.launch import (
+    LOSS_GRACE_S,
+    WorkerLost,
+    choose_workers,
+    looks_like_lost_peer,
+    restart_workers,
+    worker_addresses,
+)
 from mms_core.training.loop import evaluate_batches, make_optimizer, params_sha256, steps_per_epoch
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
 from mms_core.training.param_server_worker import ParamLayout, as_tensor, plan_shards, run_worker
@@ -93,7 +103,21 @@ def run_param_server(*, client: Client, job: TrainJob, on_event: OnEvent | None 
     """
     run = _setup(client, job, on_event)
     progress = _resume(run)
-    summaries = _train(run, progress) if progress.clock < run.plan.total_clocks else []
+    for attempt in range(1, job.train.max_restarts + 2):
+        try:
+            summaries = _train(run, progress) if progress.clock < run.plan.total_clocks else []
+            break
+        except WorkerLost as exc:
+            if attempt > job.train.max_restarts:
+                raise TrainingError(
+                    f"param_server: {exc}; gave up after {attempt - 1} restart(s) "
+                    f"(training.max_restarts={job.train.max_restarts})"
+                ) from exc
+            run.emit({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": exc.step})
+            restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
+            # on the workers there are now (maybe fewer): the plan's step counts follow the world size
+            run = _setup(client, job, on_event, allow_fewer=True)
+            progress = _resume(run)
     storage.write_bytes_atomic(job.output_uri, state_bytes(run.model))
     sha, total = params_sha256(run.model), _jsonable(progress.staleness)
     return [
@@ -116,8 +140,8 @@ def run_param_server(*, client: Client, job: TrainJob, on_event: OnEvent | None 
     ]
 
 
-def _setup(client: Client, job: TrainJob, on_event: OnEvent | None) -> _Run:
-    workers = choose_workers(client, job=job)
+def _setup(client: Client, job: TrainJob, on_event: OnEvent | None, *, allow_fewer: bool = False) -> _Run:
+    workers = choose_workers(client, job=job, allow_fewer=allow_fewer)
     world_size = len(workers)
     manifest = load_manifest(job.manifest_uri)
     # Same init as the DDP loop (manual_seed, then build), without touching the caller's RNG.
@@ -169,6 +193,9 @@ def _train(run: _Run, progress: _Progress) -> list[dict[str, Any]]:
         for clock in run.plan.marks(after=progress.clock):
             follower.mark(clock, progress)
         return [watch.result(rank) for rank in range(len(tasks))]
+    except WorkerLost as exc:
+        exc.step = progress.clock  # the last checkpointed clock: what the restart resumes from
+        raise
     finally:
         _close(actors)
         run.client.cancel([*tasks, *actor_futures])
@@ -233,23 +260,36 @@ class _Watch:
                     self.result(rank)
             if time.monotonic() - self.checked > LIVENESS_EVERY_S:
                 self.checked = time.monotonic()
-                alive = set(worker_addresses(self.client))
-                if gone := sorted(set(self.workers) - alive):
-                    raise TrainingError(
-                        f"param_server: worker(s) {gone} left the cluster during training; "
-                        "rerun to resume from the last checkpoint"
-                    )
+                self._raise_if_lost()
             time.sleep(POLL_S)
         try:
             return [f.result() for f in futures]
         except Exception as exc:  # the actor's worker died, or the shard raised
+            self._blame_lost_worker(exc)
             raise TrainingError(f"param_server: a parameter-server shard failed: {exc!r}") from exc
 
     def result(self, rank: int) -> dict[str, Any]:
         try:
             return self.tasks[rank].result()
         except Exception as exc:  # the task's own error type, or distributed's for a lost worker
+            self._blame_lost_worker(exc)
             raise TrainingError(f"param_server worker {rank} failed: {exc!r}") from exc
+
+    def _raise_if_lost(self) -> None:
+        alive = set(worker_addresses(self.client))
+        if gone := sorted(set(self.workers) - alive):
+            raise WorkerLost(gone, remaining=len(alive))
+
+    def _blame_lost_worker(self, exc: BaseException) -> None:
+        """Raise WorkerLost if ``exc`` came from a worker that died: a call to a dead worker's
+        actor (or a task waiting on it) may fail before the scheduler has noticed, so an error
+        that looks like a lost peer gets LOSS_GRACE_S for that; the task's own bug gets none."""
+        deadline = time.monotonic() + (LOSS_GRACE_S if looks_like_lost_peer(repr(exc)) else 0.0)
+        while True:
+            self._raise_if_lost()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
 
 
 class _Follower:

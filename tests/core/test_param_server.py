@@ -4,6 +4,7 @@ LocalCluster (digits, through the same manifest path as the DDP and fedavg tests
 import math
 import os
 import shutil
+import signal
 import sys
 import textwrap
 import threading
@@ -443,3 +444,35 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(sync_run, client, tmp
     again = run_param_server(client=client, job=job, on_event=rec)[0]
     assert rec.kind("epoch") == [] and rec.kind("resume")[0]["step"] == done.steps
     assert again.params_sha256 == done.params_sha256 and again.history == result.history
+
+
+def test_killing_a_worker_mid_run_restarts_from_the_last_checkpoint_with_the_same_result(
+    sync_run, client, tmp_path
+):
+    """SIGKILL one of the two workers at the end of epoch 1: its shard's state is gone, so the
+    driver restarts the workers and resumes from the last checkpoint. Bound 0 is deterministic and
+    the nanny brings the worker back (same world size), so the run ends bit-identical."""
+    done = sync_run["results"][0]
+    job = sync_run["job"].model_copy(
+        update={"output_uri": str(tmp_path / "weights.safetensors"), "checkpoint_uri": str(tmp_path / "ckpt")}
+    )
+    killed: list[int] = []
+    rec = Recorder()
+
+    def on_event(ev: dict) -> None:
+        rec(ev)
+        if ev["kind"] == "epoch" and not killed:
+            pids = client.run(os.getpid)
+            victim = pids[sorted(pids)[-1]]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    result = run_param_server(client=client, job=job, on_event=on_event)[0]
+    assert killed
+    [restart] = rec.kind("restart")
+    assert "left the cluster" in restart["reason"]
+    [resume] = rec.kind("resume")
+    assert 0 < resume["step"] == restart["last_step"]  # only steps after the last checkpoint repeat
+    assert [m.epoch for m in result.history] == [1, 2, 3]
+    assert result.params_sha256 == done.params_sha256
+    assert [m.val_loss for m in result.history] == [m.val_loss for m in done.history]
