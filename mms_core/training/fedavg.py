@@ -3,8 +3,14 @@
 K clients each own a partition of the training rows (IID, Dirichlet label skew, or the paper's
 label-sorted shards). Each round a seeded sample of max(1, round(C*K)) clients runs E local
 epochs of plain SGD with batch B from the current global weights, as Dask tasks beside their
-rows (scattered once); the server (the caller) averages the updates weighted by local row
-counts. FedSGD is the case E=1, B=0: one full-batch gradient step per client per round.
+rows; the server (the caller) averages the updates weighted by local row counts. FedSGD is the
+case E=1, B=0: one full-batch gradient step per client per round.
+
+Surviving a lost worker: the clients' rows, the validation rows and each round's weights live on
+the cluster as results of tasks (read from the shards, or a value given to the task), never as
+scattered data, so when a worker dies Dask recomputes what it held and reruns its client updates
+elsewhere; the round's result is the same, bit for bit, because a client's update depends only on
+the seed, the round and the client.
 
 Options, applied client-side: clip each update to an L2 norm and add Gaussian noise
 (differential privacy), and secure-aggregation-style pairwise masks (Bonawitz et al. 2017):
@@ -15,6 +21,7 @@ update alone is uniformly random. The aggregation math is in federated_math.py (
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -156,9 +163,18 @@ def run_fedavg(
     build = partial(build_model, spec=job.model, in_features=x.shape[1], n_classes=len(manifest.classes))
     model = _seeded_model(build, seed=seed)
     t0 = time.perf_counter()
-    # Scattered once: each simulated client's rows stay on one worker for the whole run.
-    data = client.scatter([(x[p], y[p]) for p in parts], hash=False)
-    val = client.scatter([read_shard(manifest.val)], hash=False)[0]
+    # Tasks, not client.scatter: Dask can recompute a task's result on another worker when the one
+    # holding it dies; scattered data would be lost with it (and the run with it).
+    # Each worker reads the rows once and keeps its share of the clients (round-robin, as scatter
+    # would); the placement is a preference, so a lost worker's share is recomputed elsewhere.
+    workers = worker_addresses(client)
+    near = {"allow_other_workers": True, "pure": False}
+    rows = {w: client.submit(_train_rows_of, job.manifest_uri, workers=[w], **near) for w in workers}
+    data = [
+        client.submit(_take, rows[w], p, workers=[w], **near)
+        for p, w in zip(parts, itertools.cycle(workers), strict=False)
+    ]
+    val = client.submit(read_shard, manifest.val, pure=False)
 
     run_clients, evaluate = _on_dask(
         client, build=build, data=data, val=val, spec=spec, threads=job.num_threads
@@ -179,7 +195,7 @@ def run_fedavg(
             on_round=store.save,
         )
     finally:
-        client.cancel([*data, val])
+        client.cancel([*data, val, *rows.values()])
     set_weights(model, run.weights)
     storage.write_bytes_atomic(job.output_uri, state_bytes(model))
     return [
@@ -240,7 +256,8 @@ def _on_dask(
     """The round loop's two callbacks as Dask tasks on the scattered data."""
 
     def run_clients(weights: np.ndarray, ctx: RoundContext) -> list[LocalResult]:
-        w = client.scatter(weights, hash=False)  # once per round, not once per client task
+        # Sent once per round, not once per client task; a task (not scatter) so it can be recomputed.
+        w = client.submit(_value, weights, pure=False)
         futures = [
             client.submit(
                 _with_model,
@@ -276,6 +293,20 @@ def _on_dask(
 def _train_rows(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     parts = [read_shard(s) for s in manifest.train]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _train_rows_of(manifest_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Runs on a worker: every training row, read from the shards."""
+    return _train_rows(load_manifest(manifest_uri))
+
+
+def _take(rows: tuple[np.ndarray, np.ndarray], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs on a worker: one simulated client's rows."""
+    return rows[0][index], rows[1][index]
+
+
+def _value(v: Any) -> Any:
+    return v
 
 
 def _seeded_model(build: Callable[[], nn.Module], *, seed: int) -> nn.Module:
