@@ -1,4 +1,6 @@
-"""Prefect deployments, served by one long-running process (`mms deploy`).
+"""Prefect deployments, served by one long-running process (`mms deploy`) or registered with a
+work pool whose workers run them (`mms deploy --work-pool NAME`, then `prefect worker start --pool
+NAME` on as many machines as wanted).
 
 Two deployments of the `training-pipeline` flow: `digits-nightly` on a cron schedule with the
 parameters of examples/digits.yaml, and `manual` (no schedule) for runs started from the UI or
@@ -149,12 +151,57 @@ def serve_deployments(
         SpecError: The spec file is unreadable or invalid.
     """
     from prefect import serve
+
+    _require_server("serving deployments")
+    serve(*deployments(spec_path=spec_path, cron=cron), limit=limit)
+
+
+def register_deployments(
+    *, work_pool: str, spec_path: Path | None = None, cron: str = "0 2 * * *"
+) -> list[str]:
+    """Register the deployments with ``work_pool`` (a ``process`` pool, created if missing) and
+    return their FLOW/DEPLOYMENT names; runs are then executed by that pool's workers
+    (``prefect worker start --pool NAME``) wherever they run, not by this process.
+
+    A worker runs a flow in a subprocess that imports it by module path (``flows.…``), so the
+    worker's environment needs MMS installed (the image has it) and the same MMS_* settings.
+
+    Raises:
+        MMSError: No Prefect server is configured, or ``work_pool`` exists with another type.
+        SpecError: The spec file is unreadable or invalid.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    _require_server("registering deployments with a work pool")
+
+    async def ensure_pool() -> str:
+        async with get_client() as client:
+            try:
+                return (await client.read_work_pool(work_pool)).type
+            except ObjectNotFound:
+                await client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
+                return "process"
+
+    pool_type = run_coro_as_sync(ensure_pool())
+    if pool_type != "process":
+        raise MMSError(
+            f"work pool {work_pool!r} has type {pool_type!r}; MMS registers its flows with a 'process' "
+            "pool (the worker's environment has MMS installed): name another pool or delete this one"
+        )
+    built = deployments(spec_path=spec_path, cron=cron)
+    for d in built:
+        d.apply(work_pool_name=work_pool)
+    return [f"{d.flow_name}/{d.name}" for d in built]
+
+
+def _require_server(what: str) -> None:
     from prefect.settings import get_current_settings
 
-    api_url = get_current_settings().api.url
-    if not api_url:
+    if not get_current_settings().api.url:
         raise MMSError(
-            "serving deployments needs a running Prefect server, but PREFECT_API_URL is not set: "
+            f"{what} needs a running Prefect server, but PREFECT_API_URL is not set: "
             "start the local stack with `mms stack up` (or point PREFECT_API_URL at a server)"
         )
-    serve(*deployments(spec_path=spec_path, cron=cron), limit=limit)

@@ -108,13 +108,31 @@ def deploy(
     cron: Annotated[
         str, typer.Option(help="Cron schedule of training-pipeline/digits-nightly.")
     ] = "0 2 * * *",
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Register the deployments with this process work pool (created if missing) and "
+            "return; `prefect worker start --pool NAME` then runs them. Default: serve them here (blocks)."
+        ),
+    ] = None,
 ) -> None:
-    """Serve the flows as Prefect deployments (needs `mms stack up` or PREFECT_API_URL); blocks."""
+    """Serve the flows as Prefect deployments (needs `mms stack up` or PREFECT_API_URL); blocks.
+    With --work-pool, register them for that pool's workers instead."""
     settings = settings_from_env()
     use_stack_if_up(settings)
-    from flows.deploy import serve_deployments
+    from flows.deploy import register_deployments, serve_deployments
+    from mms_core.errors import MMSError
 
-    serve_deployments(spec_path=spec, cron=cron)
+    try:
+        if work_pool is None:
+            serve_deployments(spec_path=spec, cron=cron)
+            return
+        names = register_deployments(work_pool=work_pool, spec_path=spec, cron=cron)
+    except MMSError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"{len(names)} deployments registered with work pool {work_pool!r}: {', '.join(names)}")
+    console.print(f"start a worker to run them: prefect worker start --pool {work_pool}")
 
 
 @stack_app.command("up")

@@ -188,3 +188,79 @@ def test_served_manual_deployment_runs_on_the_stack_and_registers_a_model(tmp_pa
         if serve is not None:
             _stop_group(serve)
         stack_down(home=tmp_path, timeout_s=10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_work_pool_registration_and_a_prefect_worker_run_a_deployment(tmp_path: Path) -> None:
+    """`mms deploy --work-pool` registers every deployment with a process pool and returns; a
+    separately started `prefect worker` (cwd elsewhere, as on another machine) picks up and runs a
+    deployment run started with `prefect deployment run`."""
+    worker = None
+    log = tmp_path / "worker.log"
+    try:
+        state = stack_up(home=tmp_path, with_redis=False, timeout_s=150)
+        stack = stack_env(state)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MMS_"))}
+        env |= stack | {
+            "MMS_HOME": str(tmp_path),
+            "PREFECT_HOME": str(tmp_path / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",  # poll the pool every second, not every 10
+        }
+        mms = str(Path(sys.executable).parent / "mms")
+        register = [mms, "deploy", "--work-pool", "mms-pool"]
+        cli = subprocess.run(register, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "9 deployments registered with work pool 'mms-pool'" in cli.stdout
+        assert "prefect worker start --pool mms-pool" in cli.stdout
+        again = subprocess.run(register, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr  # re-registering updates in place
+
+        with SyncPrefectClient(stack["PREFECT_API_URL"]) as client:
+            assert client.read_work_pool("mms-pool").type == "process"
+            nightly = client.read_deployment_by_name(f"training-pipeline/{NIGHTLY}")
+            assert nightly.work_pool_name == "mms-pool"
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+
+            (tmp_path / "elsewhere").mkdir()
+            with open(log, "wb") as out:
+                worker = subprocess.Popen(
+                    [PREFECT, "worker", "start", "--pool", "mms-pool"],
+                    env=env,
+                    cwd=tmp_path / "elsewhere",
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            run_cli = subprocess.run(
+                [PREFECT, "deployment", "run", f"retention/{MANUAL}"],  # a dry run: lists, deletes nothing
+                env=env,
+                cwd=tmp_path / "elsewhere",
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+            assert run_cli.returncode == 0, run_cli.stdout + run_cli.stderr
+            found = re.search(r"UUID: ([0-9a-f-]{36})", run_cli.stdout)
+            assert found, run_cli.stdout
+            run = _wait_for_run(client, found.group(1), worker, log, timeout_s=150)
+            assert run.state.is_completed(), f"flow run {run.state_name}: {run.state.message}\n{_tail(log)}"
+            assert run.work_pool_name == "mms-pool"
+            assert run.parameters["policy"] == {"dry_run": True}
+
+        bad = subprocess.run(
+            [mms, "deploy", "--work-pool", "mms-pool"],
+            env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+            | {"MMS_HOME": str(tmp_path / "no-stack")},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 1 and "PREFECT_API_URL is not set" in bad.stdout, bad.stdout + bad.stderr
+    finally:
+        if worker is not None:
+            _stop_group(worker)
+        stack_down(home=tmp_path, timeout_s=10)

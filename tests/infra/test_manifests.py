@@ -88,7 +88,7 @@ def test_compose_services_depend_on_services_that_exist_and_bind_host_ports_to_l
     compose = yaml.safe_load((INFRA / "compose" / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"postgres", "minio", "mlflow", "prefect-server", "redis", "dask-scheduler", "dask-worker",
-            "mms-deploy", "mms-serve"} <= set(services)  # fmt: skip
+            "mms-deploy", "prefect-worker", "mms-serve"} <= set(services)  # fmt: skip
     for name, svc in services.items():
         deps = svc.get("depends_on", [])
         for dep in deps if isinstance(deps, list) else deps.keys():
@@ -135,11 +135,21 @@ def _deploy_spec_exists(args: list[str]) -> None:
 def test_compose_shares_mms_home_between_deploy_serve_and_workers():
     services = yaml.safe_load((INFRA / "compose" / "docker-compose.yml").read_text())["services"]
     home = services["mms-deploy"]["environment"]["MMS_HOME"]
-    for name in ("mms-deploy", "mms-serve", "dask-worker"):
+    for name in ("mms-deploy", "prefect-worker", "mms-serve", "dask-worker"):
         assert services[name]["environment"]["MMS_HOME"] == home
-        # API keys (metering.db) and serving leases live under MMS_HOME; retention runs in mms-deploy.
+        # API keys (metering.db) and serving leases live under MMS_HOME; retention runs in the worker.
         assert f"mms-home:{home}" in services[name]["volumes"], name
     _deploy_spec_exists(services["mms-deploy"]["command"])
+
+
+def test_compose_registers_the_deployments_with_the_pool_its_prefect_workers_poll():
+    services = yaml.safe_load((INFRA / "compose" / "docker-compose.yml").read_text())["services"]
+    register, worker = services["mms-deploy"]["command"], services["prefect-worker"]["command"]
+    pool = register[register.index("--work-pool") + 1]
+    assert worker[:3] == ["prefect", "worker", "start"] and worker[worker.index("--pool") + 1] == pool
+    assert worker[worker.index("--type") + 1] == "process"  # what flows.deploy registers with
+    assert services["mms-deploy"]["restart"] == "on-failure"  # until the Prefect server answers
+    assert services["prefect-worker"]["environment"] == services["dask-worker"]["environment"]
 
 
 def test_k8s_deploy_and_serve_share_mms_home_on_a_read_write_many_volume():
