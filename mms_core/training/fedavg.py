@@ -163,10 +163,9 @@ def run_fedavg(
     build = partial(build_model, spec=job.model, in_features=x.shape[1], n_classes=len(manifest.classes))
     model = _seeded_model(build, seed=seed)
     t0 = time.perf_counter()
-    # Tasks, not client.scatter: Dask can recompute a task's result on another worker when the one
-    # holding it dies; scattered data would be lost with it (and the run with it).
-    # Each worker reads the rows once and keeps its share of the clients (round-robin, as scatter
-    # would); the placement is a preference, so a lost worker's share is recomputed elsewhere.
+    # Tasks, not client.scatter: Dask recomputes a lost task result on another worker, while
+    # scattered data dies with its worker (and the run with it). Each worker reads the rows once
+    # and keeps its share of the clients, round-robin; the placement is only a preference.
     workers = worker_addresses(client)
     near = {"allow_other_workers": True, "pure": False}
     rows = {w: client.submit(_train_rows_of, job.manifest_uri, workers=[w], **near) for w in workers}
@@ -253,7 +252,7 @@ class _RoundCheckpoints:
 def _on_dask(
     client: Client, *, build: Callable[[], nn.Module], data: list, val: Any, spec: FedAvgSpec, threads: int
 ) -> tuple[RunClients, Evaluate]:
-    """The round loop's two callbacks as Dask tasks on the scattered data."""
+    """The round loop's two callbacks as Dask tasks on the clients' data futures."""
 
     def run_clients(weights: np.ndarray, ctx: RoundContext) -> list[LocalResult]:
         # Sent once per round, not once per client task; a task (not scatter) so it can be recomputed.

@@ -68,14 +68,21 @@ def run_process_group(
                 client=client, job=job, rank_fn=rank_fn, on_event=relay, allow_fewer=attempt > 1
             )
         except WorkerLost as exc:
-            if attempt > job.train.max_restarts:
-                raise TrainingError(
-                    f"{exc}; gave up after {attempt - 1} restart(s) "
-                    f"(training.max_restarts={job.train.max_restarts})"
-                ) from exc
-            relay({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": last_step})
-            restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
+            fail_over(client, exc, job=job, attempt=attempt, last_step=last_step, emit=relay)
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def fail_over(
+    client: Client, exc: WorkerLost, *, job: TrainJob, attempt: int, last_step: int, emit: OnEvent
+) -> None:
+    """After a lost worker: give up once ``training.max_restarts`` restarts are spent, else emit the
+    ``restart`` event and restart the workers (the caller then starts again from the last checkpoint)."""
+    if attempt > job.train.max_restarts:
+        raise TrainingError(
+            f"{exc}; gave up after {attempt - 1} restart(s) (training.max_restarts={job.train.max_restarts})"
+        ) from exc
+    emit({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": last_step})
+    restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
 
 
 def _launch_once(

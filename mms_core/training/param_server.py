@@ -43,8 +43,8 @@ from mms_core.training.launch import (
     LOSS_GRACE_S,
     WorkerLost,
     choose_workers,
+    fail_over,
     looks_like_lost_peer,
-    restart_workers,
     worker_addresses,
 )
 from mms_core.training.loop import evaluate_batches, make_optimizer, params_sha256, steps_per_epoch
@@ -108,13 +108,7 @@ def run_param_server(*, client: Client, job: TrainJob, on_event: OnEvent | None 
             summaries = _train(run, progress) if progress.clock < run.plan.total_clocks else []
             break
         except WorkerLost as exc:
-            if attempt > job.train.max_restarts:
-                raise TrainingError(
-                    f"param_server: {exc}; gave up after {attempt - 1} restart(s) "
-                    f"(training.max_restarts={job.train.max_restarts})"
-                ) from exc
-            run.emit({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": exc.step})
-            restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
+            fail_over(client, exc, job=job, attempt=attempt, last_step=exc.step, emit=run.emit)
             # on the workers there are now (maybe fewer): the plan's step counts follow the world size
             run = _setup(client, job, on_event, allow_fewer=True)
             progress = _resume(run)

@@ -97,6 +97,19 @@ def _tail(log: Path, n: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
 
 
+def _stack_and_client_env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Start the local stack under ``home``; its variables, and an environment for client
+    processes (serve, worker, CLIs) that sees only the stack, not this shell's settings."""
+    stack = stack_env(stack_up(home=home, with_redis=False, timeout_s=150))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MMS_"))}
+    env |= stack | {
+        "MMS_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect-client"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    return stack, env
+
+
 def _wait_for_deployment(client, name: str, serve: subprocess.Popen, log: Path, timeout_s: float) -> None:
     from prefect.exceptions import ObjectNotFound
 
@@ -131,14 +144,7 @@ def test_served_manual_deployment_runs_on_the_stack_and_registers_a_model(tmp_pa
     serve = None
     log = tmp_path / "serve.log"
     try:
-        state = stack_up(home=tmp_path, with_redis=False, timeout_s=150)
-        stack = stack_env(state)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MMS_"))}
-        env |= stack | {
-            "MMS_HOME": str(tmp_path),
-            "PREFECT_HOME": str(tmp_path / "prefect-client"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
+        stack, env = _stack_and_client_env(tmp_path)
         code = "from flows.deploy import serve_deployments; serve_deployments()"
         with open(log, "wb") as out:
             serve = subprocess.Popen(
@@ -199,15 +205,8 @@ def test_work_pool_registration_and_a_prefect_worker_run_a_deployment(tmp_path: 
     worker = None
     log = tmp_path / "worker.log"
     try:
-        state = stack_up(home=tmp_path, with_redis=False, timeout_s=150)
-        stack = stack_env(state)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MMS_"))}
-        env |= stack | {
-            "MMS_HOME": str(tmp_path),
-            "PREFECT_HOME": str(tmp_path / "prefect-client"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",  # poll the pool every second, not every 10
-        }
+        stack, env = _stack_and_client_env(tmp_path)
+        env["PREFECT_WORKER_QUERY_SECONDS"] = "1"  # poll the pool every second, not every 10
         mms = str(Path(sys.executable).parent / "mms")
         register = [mms, "deploy", "--work-pool", "mms-pool"]
         cli = subprocess.run(register, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
