@@ -38,9 +38,11 @@ LOSS_GRACE_S = 10.0  # a rank's error may reach us before the scheduler notices 
 class WorkerLost(TrainingError):
     """A worker hosting a rank left the cluster mid-run."""
 
-    def __init__(self, gone: list[str], remaining: int) -> None:
+    def __init__(self, gone: list[str], *, remaining: int, group: int) -> None:
         super().__init__(f"worker(s) {gone} left the cluster during training")
-        self.remaining, self.lost = remaining, len(gone)
+        # remaining: workers in the cluster now (a nanny's replacement for the lost one may already
+        # be among them); group: workers the run had, the size a restart hopes to get back to
+        self.remaining, self.group = remaining, group
         self.step = 0  # the last checkpointed step, where the caller knows it
 
 
@@ -82,7 +84,7 @@ def fail_over(
             f"{exc}; gave up after {attempt - 1} restart(s) (training.max_restarts={job.train.max_restarts})"
         ) from exc
     emit({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": last_step})
-    restart_workers(client, at_least=exc.remaining, hoped=exc.remaining + exc.lost)
+    restart_workers(client, at_least=exc.remaining, hoped=max(exc.remaining, exc.group))
 
 
 def _launch_once(
@@ -167,7 +169,7 @@ def _watch(
         _drain(events, on_event)
         alive = set(worker_addresses(client))
         if gone := sorted(set(chosen) - alive):
-            raise WorkerLost(gone, remaining=len(alive))
+            raise WorkerLost(gone, remaining=len(alive), group=len(chosen))
         errors = [(rank, f) for rank, f in enumerate(futures) if f.status in ("error", "cancelled")]
         if errors:
             # A rank whose peer died fails with a broken collective, sometimes before the

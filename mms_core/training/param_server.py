@@ -272,7 +272,7 @@ class _Watch:
     def _raise_if_lost(self) -> None:
         alive = set(worker_addresses(self.client))
         if gone := sorted(set(self.workers) - alive):
-            raise WorkerLost(gone, remaining=len(alive))
+            raise WorkerLost(gone, remaining=len(alive), group=len(self.workers))
 
     def _blame_lost_worker(self, exc: BaseException) -> None:
         """Raise WorkerLost if ``exc`` came from a worker that died: a call to a dead worker's
