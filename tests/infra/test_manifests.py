@@ -159,18 +159,31 @@ def test_k8s_deploy_and_serve_share_mms_home_on_a_read_write_many_volume():
     ]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # two pods, maybe on two nodes
     home = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["MMS_HOME"]
-    deployments = {
-        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]
+        for d in docs
+        if d["kind"] in ("Deployment", "Job")
     }
-    for name in ("mms-deploy", "mms-serve"):
-        pod = deployments[name]
+    for name in ("mms-deploy", "prefect-worker", "mms-serve"):
+        pod = pods[name]
         (volume,) = [
             v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "mms-home"
         ]
         (c,) = pod["containers"]
         assert {"name": volume["name"], "mountPath": home} in c["volumeMounts"], name
         assert pod["securityContext"]["fsGroup"] == _image_uid()  # the non-root user can write it
-    _deploy_spec_exists(deployments["mms-deploy"]["containers"][0]["args"])
+    _deploy_spec_exists(pods["mms-deploy"]["containers"][0]["args"])
+
+
+def test_k8s_registers_the_deployments_with_the_pool_its_prefect_workers_poll():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _k8s()}
+    job = docs[("Job", "mms-deploy")]["spec"]
+    register = job["template"]["spec"]["containers"][0]["args"]
+    worker = docs[("Deployment", "prefect-worker")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    pool = register[register.index("--work-pool") + 1]
+    assert worker[:3] == ["prefect", "worker", "start"] and worker[worker.index("--pool") + 1] == pool
+    assert worker[worker.index("--type") + 1] == "process"
+    assert job["template"]["spec"]["restartPolicy"] == "OnFailure" and job["backoffLimit"] >= 3
 
 
 def test_dockerfile_installs_what_pyproject_and_the_makefile_do():
