@@ -2,6 +2,8 @@
 worker processes set up the way training strategies need them."""
 
 import contextlib
+import os
+import signal
 from collections.abc import Callable, Iterator
 
 import dask
@@ -60,3 +62,17 @@ def _training_cluster(n_workers: int) -> Iterator[Client]:
 def training_cluster() -> Callable[[int], contextlib.AbstractContextManager[Client]]:
     """Factory: ``with training_cluster(n) as client:`` a LocalCluster of n one-thread processes."""
     return _training_cluster
+
+
+@pytest.fixture(scope="session")
+def kill_worker() -> Callable[..., int]:
+    """``kill_worker(client, index=-1)``: SIGKILL the worker process at ``index`` in address
+    order (its nanny starts a new one) and return its pid: a worker lost mid-run."""
+
+    def kill(client: Client, index: int = -1) -> int:
+        pids = client.run(os.getpid)
+        victim = pids[sorted(pids)[index]]
+        os.kill(victim, signal.SIGKILL)
+        return victim
+
+    return kill

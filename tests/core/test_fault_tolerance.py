@@ -1,9 +1,7 @@
 """Training survives faults: resume from the last checkpoint (bit-exact), skip a corrupt checkpoint,
 and finish a DDP run on a real 3-worker LocalCluster after one worker process is SIGKILLed."""
 
-import os
 import shutil
-import signal
 import threading
 
 import pytest
@@ -124,7 +122,7 @@ def cluster3(training_cluster):
 
 
 @pytest.mark.slow
-def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_uri, tmp_path):
+def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_uri, tmp_path, kill_worker):
     reference = run_ddp(client=cluster3, job=_ddp_job(manifest_uri, tmp_path / "ref"))[0]
 
     events: list[dict] = []
@@ -133,10 +131,7 @@ def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_
     def on_event(ev: dict) -> None:
         events.append(ev)
         if ev.get("step", 0) >= KILL_AFTER_STEP and not killed:
-            pids = cluster3.run(os.getpid)
-            victim = pids[sorted(pids)[1]]  # rank 1's worker
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+            killed.append(kill_worker(cluster3, 1))  # rank 1's worker
 
     job = _ddp_job(manifest_uri, tmp_path / "run")
     results = run_ddp(client=cluster3, job=job, on_event=on_event)

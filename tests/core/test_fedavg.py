@@ -1,9 +1,7 @@
 """Federated averaging: partitions and aggregation math alone, then whole runs on a real
 2-worker Dask LocalCluster (digits, built through the same manifest path as the DDP tests)."""
 
-import os
 import shutil
-import signal
 import threading
 from functools import partial
 from pathlib import Path
@@ -415,7 +413,7 @@ def test_a_rerun_resumes_after_the_last_checkpointed_round_with_the_same_result(
     assert (tmp_path / "w").read_bytes() == Path(job.output_uri).read_bytes()
 
 
-def test_killing_a_worker_mid_run_loses_nothing_and_changes_nothing(trained, client, tmp_path):
+def test_killing_a_worker_mid_run_loses_nothing_and_changes_nothing(trained, client, tmp_path, kill_worker):
     """A worker SIGKILLed after round 3 takes its clients' rows and any running updates with it;
     Dask recomputes the rows from the shards and reruns the updates on the other worker (its nanny
     brings a new process back meanwhile). The run ends bit-identical to the undisturbed one."""
@@ -427,10 +425,7 @@ def test_killing_a_worker_mid_run_loses_nothing_and_changes_nothing(trained, cli
 
     def on_event(ev: dict) -> None:
         if ev["kind"] == "epoch" and ev["epoch"] == 3 and not killed:
-            pids = client.run(os.getpid)
-            victim = pids[sorted(pids)[-1]]
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+            killed.append(kill_worker(client))
 
     result = run_fedavg(client=client, job=again, on_event=on_event)[0]
     assert killed

@@ -4,7 +4,6 @@ LocalCluster (digits, through the same manifest path as the DDP and fedavg tests
 import math
 import os
 import shutil
-import signal
 import sys
 import textwrap
 import threading
@@ -447,7 +446,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(sync_run, client, tmp
 
 
 def test_killing_a_worker_mid_run_restarts_from_the_last_checkpoint_with_the_same_result(
-    sync_run, client, tmp_path
+    sync_run, client, tmp_path, kill_worker
 ):
     """SIGKILL one of the two workers at the end of epoch 1: its shard's state is gone, so the
     driver restarts the workers and resumes from the last checkpoint. Bound 0 is deterministic and
@@ -462,10 +461,7 @@ def test_killing_a_worker_mid_run_restarts_from_the_last_checkpoint_with_the_sam
     def on_event(ev: dict) -> None:
         rec(ev)
         if ev["kind"] == "epoch" and not killed:
-            pids = client.run(os.getpid)
-            victim = pids[sorted(pids)[-1]]
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+            killed.append(kill_worker(client))
 
     result = run_param_server(client=client, job=job, on_event=on_event)[0]
     assert killed

@@ -123,6 +123,27 @@ def _wait_for_deployment(client, name: str, serve: subprocess.Popen, log: Path, 
         time.sleep(1)
 
 
+def _run_deployment(
+    client, name: str, *args: str, env: dict, cwd: Path, runner: subprocess.Popen, log: Path, timeout_s: float
+):
+    """`prefect deployment run NAME ARGS`, then wait until ``runner`` (a serve process or a worker)
+    has finished the flow run; it must have completed. Returns the flow run."""
+    cli = subprocess.run(
+        [PREFECT, "deployment", "run", name, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    found = re.search(r"UUID: ([0-9a-f-]{36})", cli.stdout)
+    assert found, cli.stdout
+    run = _wait_for_run(client, found.group(1), runner, log, timeout_s=timeout_s)
+    assert run.state.is_completed(), f"flow run {run.state_name}: {run.state.message}\n{_tail(log)}"
+    return run
+
+
 def _wait_for_run(client, run_id: str, serve: subprocess.Popen, log: Path, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -165,19 +186,10 @@ def test_served_manual_deployment_runs_on_the_stack_and_registers_a_model(tmp_pa
             params = json.dumps(
                 {"spec": load_spec(REPO / "examples" / "digits.yaml", overrides=FAST).model_dump(mode="json")}
             )
-            cli = subprocess.run(
-                [PREFECT, "deployment", "run", f"training-pipeline/{MANUAL}", "--params", params],
-                env=env,
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=90,
-            )
-            assert cli.returncode == 0, cli.stdout + cli.stderr
-            found = re.search(r"UUID: ([0-9a-f-]{36})", cli.stdout)
-            assert found, cli.stdout
-            run = _wait_for_run(client, found.group(1), serve, log, timeout_s=180)
-            assert run.state.is_completed(), f"flow run {run.state_name}: {run.state.message}\n{_tail(log)}"
+            run = _run_deployment(
+                client, f"training-pipeline/{MANUAL}", "--params", params,
+                env=env, cwd=REPO, runner=serve, log=log, timeout_s=180,
+            )  # fmt: skip
             assert run.parameters["spec"]["training"]["epochs"] == 2
 
         registry = MlflowClient(tracking_uri=stack["MMS_MLFLOW_URI"])
@@ -233,19 +245,10 @@ def test_work_pool_registration_and_a_prefect_worker_run_a_deployment(tmp_path: 
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            run_cli = subprocess.run(
-                [PREFECT, "deployment", "run", f"retention/{MANUAL}"],  # a dry run: lists, deletes nothing
-                env=env,
-                cwd=tmp_path / "elsewhere",
-                capture_output=True,
-                text=True,
-                timeout=90,
-            )
-            assert run_cli.returncode == 0, run_cli.stdout + run_cli.stderr
-            found = re.search(r"UUID: ([0-9a-f-]{36})", run_cli.stdout)
-            assert found, run_cli.stdout
-            run = _wait_for_run(client, found.group(1), worker, log, timeout_s=150)
-            assert run.state.is_completed(), f"flow run {run.state_name}: {run.state.message}\n{_tail(log)}"
+            run = _run_deployment(  # a dry run: lists, deletes nothing
+                client, f"retention/{MANUAL}",
+                env=env, cwd=tmp_path / "elsewhere", runner=worker, log=log, timeout_s=150,
+            )  # fmt: skip
             assert run.work_pool_name == "mms-pool"
             assert run.parameters["policy"] == {"dry_run": True}
 
