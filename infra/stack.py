@@ -8,18 +8,14 @@ so that `stack_down` stops exactly those processes and nothing else.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -30,17 +26,23 @@ import psutil
 from pydantic import BaseModel, Field
 
 from infra.dask_config import WORKER_UNSET_ENV, worker_config_yaml
+from infra.procs import (
+    HOST,
+    bind_port,
+    cmdline_matches,
+    http_ok,
+    locked,
+    same_process,
+    tcp_ok,
+    terminate,
+)
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 N_WORKERS = 2
 DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "dask-scheduler": 8786, "redis": 6379}
 # Workers before their scheduler; Redis last because nothing else depends on it being gone.
 STOP_ORDER = ("dask-worker", "dask-scheduler", "prefect", "mlflow", "redis")
-_PROBE_TIMEOUT_S = 2.0
-# Bypass any http_proxy in the environment: every probe goes to loopback.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 _Proc = subprocess.Popen[bytes]
@@ -104,22 +106,10 @@ def _venv_bin(name: str) -> str:
     return str(path)
 
 
-def _bind(port: int) -> int | None:
-    """Bind 127.0.0.1:port and let go; the port bound, or None when it is taken."""
-    with socket.socket() as s:
-        # Same option the servers use, so a TIME_WAIT leftover does not count as taken.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return None
-        return s.getsockname()[1]
-
-
 def _pick_port(preferred: int, taken: set[int]) -> int:
-    port = _bind(preferred) if preferred not in taken else None
+    port = bind_port(preferred) if preferred not in taken else None
     while port is None or port in taken:
-        port = _bind(0)
+        port = bind_port(0)
     taken.add(port)
     return port
 
@@ -142,63 +132,30 @@ def _write_state(state: StackState) -> None:
 @contextmanager
 def _locked(home: Path) -> Iterator[None]:
     # Two `mms stack up` at once must not start two stacks.
-    directory = _stack_dir(home)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with _HTTP.open(url, timeout=_PROBE_TIMEOUT_S) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def _tcp_ok(port: int, ping: bytes = b"", pong: bytes = b"") -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=_PROBE_TIMEOUT_S) as s:
-            if ping:
-                s.sendall(ping)
-            return s.recv(64).startswith(pong) if pong else True
-    except OSError:
-        return False
+    with locked(_stack_dir(home) / ".lock"):
+        yield
 
 
 def _probe(comp: ComponentState) -> bool:
     """Health check by kind; a worker has no port of its own, its process is its health."""
     if comp.name == "prefect":
-        return _http_ok(f"http://{HOST}:{comp.port}/api/health")
+        return http_ok(f"http://{HOST}:{comp.port}/api/health")
     if comp.name == "mlflow":
-        return _http_ok(f"http://{HOST}:{comp.port}/health")
+        return http_ok(f"http://{HOST}:{comp.port}/health")
     if comp.name == "redis":
-        return _tcp_ok(comp.port or 0, b"PING\r\n", b"+PONG")
+        return tcp_ok(comp.port or 0, b"PING\r\n", b"+PONG")
     if comp.name == "dask-scheduler":
-        return _tcp_ok(comp.port or 0)
+        return tcp_ok(comp.port or 0)
     return True
-
-
-def _cmdline_matches(cmdline: list[str], command: list[str]) -> bool:
-    # A script runs as `python /venv/bin/prefect ...`: compare the argument tail and the program name.
-    tail = command[1:]
-    if len(cmdline) < len(command) or (tail and cmdline[-len(tail) :] != tail):
-        return False
-    head = cmdline[: len(cmdline) - len(tail)]
-    return any(Path(arg).name == Path(command[0]).name for arg in head)
 
 
 def _owned_process(comp: ComponentState) -> psutil.Process | None:
     """The live process behind `comp`, or None when it is gone or the pid now belongs to another."""
+    proc = same_process(comp.pid, comp.create_time)
+    if proc is None:
+        return None
     try:
-        proc = psutil.Process(comp.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - comp.create_time) > 0.5:
-            return None
-        if _cmdline_matches(proc.cmdline(), comp.command):
+        if cmdline_matches(proc.cmdline(), comp.command):
             return proc
         # redis-server rewrites its cmdline to a title ("redis-server 127.0.0.1:6379"); its kernel
         # name still says what it runs.
@@ -207,30 +164,6 @@ def _owned_process(comp: ComponentState) -> psutil.Process | None:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         pass
     return None
-
-
-def _terminate(proc: psutil.Process, timeout_s: float) -> None:
-    """SIGTERM the process group, then SIGKILL whatever of it is left after `timeout_s`."""
-    try:
-        family = [proc, *proc.children(recursive=True)]
-        own_group = os.getpgid(proc.pid) == proc.pid  # started with start_new_session=True
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if own_group:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        for p in family:
-            # One signal each: the group signal already reached its members (a second SIGTERM
-            # turns uvicorn's graceful shutdown into a forced one).
-            with suppress(psutil.NoSuchProcess, ProcessLookupError):
-                if not own_group or os.getpgid(p.pid) != proc.pid:
-                    p.send_signal(sig)
-        # wait_procs also reaps our own children, so no zombie keeps the pid alive.
-        _, family = psutil.wait_procs(family, timeout=timeout_s if sig == signal.SIGTERM else 5)
-        if not family:
-            return
-    log.warning("processes %s survived SIGKILL", [p.pid for p in family])
 
 
 def _spawn(launch: _Launch, logs: Path) -> tuple[ComponentState, _Proc]:
@@ -257,7 +190,7 @@ def _stop_all(state: StackState, timeout_s: float) -> list[str]:
         if proc is None:
             log.info("%s (pid %d) already gone or not ours; leaving it", comp.name, comp.pid)
             continue
-        _terminate(proc, timeout_s)
+        terminate(proc, timeout_s)
         stopped.append(comp.name)
     return stopped
 
