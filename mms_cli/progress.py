@@ -4,6 +4,7 @@ summary table. The flow knows nothing about the terminal; it logs, and we listen
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from rich.console import Console
@@ -60,7 +61,7 @@ class PipelineProgress(logging.Handler):
                 self.progress.advance(self.steps)
 
 
-def summary_table(*, result: Any, prefect_api: str | None) -> Table:
+def summary_table(*, result: Any, servers: Any) -> Table:
     """The closing summary of `mms run`: metrics, MLflow run, model version and alias, UI links."""
     table = Table(title="training-pipeline", show_header=False)
     ev, reg, comp = result.evaluation, result.registration, result.compression
@@ -84,10 +85,11 @@ def summary_table(*, result: Any, prefect_api: str | None) -> Table:
         rows.append(("MLflow UI", f"{result.tracking_uri}/#/models/{result.model_name}"))
     else:
         rows.append(("MLflow UI", f"mlflow ui --backend-store-uri {result.tracking_uri}"))
-    if prefect_api:
-        rows.append(("Prefect UI", f"{prefect_api.removesuffix('/api')}/runs/flow-run/{result.flow_run_id}"))
+    prefect_api = os.environ.get("PREFECT_API_URL", "")
+    if servers.mode == "embedded":
+        rows.append(("Prefect", f"embedded API {prefect_api} (no UI; `mms stack up` runs one with the UI)"))
     else:
-        rows.append(("Prefect UI", "temporary server (stopped); `mms stack up` keeps one running"))
+        rows.append(("Prefect UI", f"{prefect_api.removesuffix('/api')}/runs/flow-run/{result.flow_run_id}"))
     for key, value in rows:
         table.add_row(key, value)
     return table

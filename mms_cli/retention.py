@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mms_cli.common import console, settings_from_env, use_stack_if_up
+from mms_cli.common import console, settings_from_env, use_servers
 
 
 def retention(
@@ -29,7 +29,8 @@ def retention(
     from mms_core.errors import MMSError
     from mms_core.retention import RetentionPolicy
 
-    use_stack_if_up(settings_from_env())
+    settings = settings_from_env()
+    servers = use_servers(settings)
     chosen = {
         "max_age_days": max_age_days,
         "keep_last_versions": keep_last,
@@ -44,7 +45,9 @@ def retention(
     from flows.retention import retention as retention_flow
 
     try:
-        state = retention_flow(policy=policy, return_state=True)
+        servers.ready(settings)
+        with servers.running():
+            state = retention_flow(policy=policy, return_state=True)
         result = state.result()
     except MMSError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -4,7 +4,6 @@ registered. Progress (trials, then the retrain's epochs) comes from the flow's l
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mms_cli.common import console, settings_from_env, use_stack_if_up
+from mms_cli.common import console, settings_from_env, use_servers
 from mms_cli.progress import summary_table
 
 
@@ -70,7 +69,7 @@ def tune(
     from mms_core.errors import MMSError
     from mms_core.tuning.space import load_tuning
 
-    using_stack = use_stack_if_up(settings_from_env())
+    servers = use_servers(settings_from_env())
     try:
         pipeline_spec, tune_spec = load_tuning(spec, overrides=set_ or [], trials=trials)
     except MMSError as exc:
@@ -81,19 +80,21 @@ def tune(
     settings = Settings()
     console.print(
         f"[bold]mms tune[/bold] {spec}: {tune_spec.trials} trials, {len(tune_spec.params)} parameters, "
-        f"study database {settings.study_storage}  ({'stack' if using_stack else 'embedded'} mode)"
+        f"study database {settings.study_storage}  ({servers.mode} mode)"
     )
     from flows.tuning import tuning
 
     with TuneProgress(trials=tune_spec.trials, epochs=pipeline_spec.training.epochs):
         try:
-            result = tuning(spec=pipeline_spec, tune=tune_spec)
+            servers.ready(settings)
+            with servers.running():
+                result = tuning(spec=pipeline_spec, tune=tune_spec)
         except MMSError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
     console.print(_study_table(result))
     if result.retrained is not None:
-        console.print(summary_table(result=result.retrained, prefect_api=os.environ.get("PREFECT_API_URL")))
+        console.print(summary_table(result=result.retrained, servers=servers))
 
 
 def _study_table(result) -> Table:

@@ -1,7 +1,8 @@
 """Process-wide settings: where state lives and which servers to use.
 
 Everything has an embedded default, so a fresh checkout runs with no setup: state under
-./.mms, MLflow on SQLite there, a Dask LocalCluster, Prefect's temporary local server.
+./.mms, MLflow on SQLite there, a Dask LocalCluster, and Prefect's API from the home's embedded
+server (infra.embedded_prefect: started by the first `mms` command, kept a while for the next).
 `mms stack up` (or a cluster) is used by setting MMS_MLFLOW_URI / MMS_DASK_ADDRESS /
 PREFECT_API_URL.
 """
@@ -45,6 +46,22 @@ class Settings(BaseSettings):
     n_workers: int = Field(default=2, ge=1, description="Workers in the embedded LocalCluster.")
     threads_per_worker: int = Field(default=1, ge=1, description="Threads per embedded worker.")
     worker_memory: str = Field(default="4GiB", description="Memory limit per embedded worker.")
+    prefect_start_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description=(
+            "Seconds the embedded Prefect server (and Prefect's own temporary server) may take to start;"
+            " ~5 s on 2 idle cores, ~11 s in a new home (migrations), several times that on a busy machine."
+        ),
+    )
+    prefect_idle_s: float = Field(
+        default=600.0,
+        ge=0,
+        description=(
+            "Seconds the embedded Prefect server of a home stays up after the last `mms` command let go"
+            " of it, so the next one attaches instead of starting it again; 0 stops it with that command."
+        ),
+    )
 
     @field_validator("home")
     @classmethod
@@ -90,5 +107,8 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "PREFECT_HOME": str(settings.home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str(settings.home / "prefect" / "storage"),
+        # Where a process still starts Prefect's own temporary server (flows called from Python with
+        # no PREFECT_API_URL), its 20 s default failed runs on a busy 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(round(settings.prefect_start_timeout_s)),
     }
     return {k: v for k, v in env.items() if k not in os.environ}
