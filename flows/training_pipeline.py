@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from infra.cluster import dask_client
+from infra.cluster import dask_client_in_background
 from mms_core import registry, steps
 from mms_core.config import Settings
 from mms_core.evaluate import EvalResult
@@ -36,34 +36,36 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
     settings = Settings()
     tracking, root = settings.tracking_uri, settings.storage_root
     steps.check_model(spec=spec.model)  # a bad model path fails here, before any work
-    ingested = t.ingest(data=spec.data, root=root)
-    manifest_uri = t.shard_with_cache(ingested=ingested, spec=spec.preprocess, root=root)
-    run_id = t.start_tracking(
-        spec=spec, manifest_uri=manifest_uri, tracking_uri=tracking, artifact_root=settings.artifact_root
-    )
-    try:
-        with dask_client(settings) as client:
+    with dask_client_in_background(settings) as cluster:  # starts while ingest and shard run
+        ingested = t.ingest(data=spec.data, root=root)
+        manifest_uri = t.shard_with_cache(ingested=ingested, spec=spec.preprocess, root=root)
+        run_id = t.start_tracking(
+            spec=spec, manifest_uri=manifest_uri, tracking_uri=tracking, artifact_root=settings.artifact_root
+        )
+        try:
             trained = t.train(
-                client=client,
+                cluster=cluster,
                 spec=spec,
                 manifest_uri=manifest_uri,
                 run_id=run_id,
                 tracking_uri=tracking,
                 root=root,
             )
-        common = dict(
-            spec=spec,
-            manifest_uri=manifest_uri,
-            weights_uri=trained.weights_uri,
-            run_id=run_id,
-            tracking_uri=tracking,
-        )
-        evaluation = t.evaluate(**common)
-        compressed = t.compress(**common) if spec.compress.quantize or spec.compress.prune_amount else None
-        registration = t.register(**common, evaluation=evaluation, compressed=compressed)
-    except BaseException:
-        registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
-        raise
+            cluster.close_soon()  # closes while evaluate, compress and register run
+            common = dict(
+                spec=spec,
+                manifest_uri=manifest_uri,
+                weights_uri=trained.weights_uri,
+                run_id=run_id,
+                tracking_uri=tracking,
+            )
+            evaluation = t.evaluate(**common)
+            compressing = spec.compress.quantize or spec.compress.prune_amount
+            compressed = t.compress(**common) if compressing else None
+            registration = t.register(**common, evaluation=evaluation, compressed=compressed)
+        except BaseException:
+            registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
+            raise
     registry.end_run(tracking_uri=tracking, run_id=run_id)
     get_run_logger().info(
         "run %s done: %s v%s -> %s",

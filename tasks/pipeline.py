@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distributed import Client
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -18,6 +17,9 @@ from mms_core.training.spec import RankResult, TrainJob, checkpoint_key
 from mms_core.training.strategies import progress_units, run_strategy
 from tasks.common import flow_run_id, git_commit, transient
 from tasks.training_events import TrainingEvents
+
+if TYPE_CHECKING:  # the flow owns the cluster; this task only waits for its client
+    from infra.cluster import ClusterInBackground
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NONE)
@@ -90,8 +92,15 @@ def start_tracking(
 
 @task(name="train", cache_policy=NONE)
 def train(
-    *, client: Client, spec: PipelineSpec, manifest_uri: str, run_id: str, tracking_uri: str, root: str
+    *,
+    cluster: ClusterInBackground,
+    spec: PipelineSpec,
+    manifest_uri: str,
+    run_id: str,
+    tracking_uri: str,
+    root: str,
 ) -> RankResult:
+    client = cluster.client()  # started with the flow; waits here if it is still warming up
     job = TrainJob(
         manifest_uri=manifest_uri,
         model=spec.model,
