@@ -5,6 +5,9 @@ All calls take the run id explicitly (no global "active run"), so tasks in any t
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mms_core.errors import ModelLoadError
 from mms_core.packaging import PackageConfig, Predictor, read_package, write_package
@@ -23,10 +28,31 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 TAG_VARIANT = "mms.variant"
 TAG_ACCURACY = "mms.test_accuracy"
 
+# MLflow's own output, on the screen of every `mms` command that logs or loads a model. Defaults
+# only (setdefault): a user who sets one of these variables wins. MLflow reads them at each call,
+# and Dask workers started after this import inherit them.
+# - a tqdm bar per artifact download; log_model downloads the model back to validate its input
+#   example, so `mms run` drew several stray "Downloading artifacts" bars;
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# - "View run ... at: http://..." on stdout each time a run ends on an MLflow server (`mms stack
+#   up`); the `mms run` summary already names the run and the UI.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow narrates routine steps at INFO on stderr ("Creating initial MLflow database tables...",
+# "Validating input example against model signature"), which read like something to act on. Only
+# these two loggers, and only below WARNING: MLflow's warnings and errors still show.
+for _name in ("mlflow.store.db.utils", "mlflow.pyfunc"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 
 def client(*, tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def open_store(*, tracking_uri: str) -> None:
+    """Open the tracking store once: a new SQLite store runs MLflow's migrations (~2 s) here, so a
+    caller can do it while waiting for something else instead of inside the first task."""
+    client(tracking_uri=tracking_uri).search_experiments(max_results=1)
 
 
 def ensure_experiment(*, tracking_uri: str, name: str, artifact_root: str | None) -> str:
@@ -103,8 +129,34 @@ def register_package(
                 # Requirement inference imports and profiles the model: slow, and we know them.
                 pip_requirements=["torch", "safetensors", "pandas", "numpy", "mms"],
             )
-    version = mlflow.register_model(info.model_uri, name, tags={**tags, "mms.run_id": run_id})
-    c.update_model_version(name, version.version, description=f"{tags[TAG_VARIANT]} model from run {run_id}")
+    return _create_version(
+        c,
+        name=name,
+        model=info,
+        run_id=run_id,
+        tags={**tags, "mms.run_id": run_id},
+        description=f"{tags[TAG_VARIANT]} model from run {run_id}",
+    )
+
+
+def _create_version(
+    c: MlflowClient, *, name: str, model: ModelInfo, run_id: str, tags: dict[str, str], description: str
+) -> str:
+    """What ``mlflow.register_model`` does, through the client: the fluent call also prints
+    "Successfully registered model ..." and "Created version ..." to stderr every time."""
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else: an earlier run created it
+            raise
+    version = c.create_model_version(
+        name, model.model_uri, run_id=run_id, tags=tags, description=description, model_id=model.model_id
+    )
+    # The logged model's link to its version, shown on its page in MLflow's UI (register_model
+    # sets it too). Each register_package call logs a new model, so this is its only version.
+    c.set_logged_model_tags(
+        model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": version.version}])}
+    )
     return str(version.version)
 
 
