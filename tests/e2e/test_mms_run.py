@@ -7,15 +7,31 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from mlflow import MlflowClient
+
+from infra import embedded_prefect
 
 REPO = Path(__file__).resolve().parents[2]
 MMS = str(Path(sys.executable).with_name("mms"))
 
+# What must not reach `mms run`'s first screen besides its progress, Prefect's run log and the
+# summary: "Warning" (case-sensitive) also matches UserWarning, FutureWarning, DeprecationWarning.
+NOISE = (
+    "Warning",
+    "Downloading artifacts",  # MLflow's tqdm bar per artifact download
+    "Successfully registered model",  # mlflow.register_model's prints
+    "Created version '",
+    "Validating input example against model signature",  # MLflow INFO lines
+    "Creating initial MLflow database tables",
+    "distributed.",  # the LocalCluster's scheduler and nannies at INFO
+    "Starting temporary server",  # Prefect's per-process server: the embedded one replaced it
+)
+
 
 def _mms(*args: str, home: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMS_", "PREFECT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMS_", "PREFECT_", "MLFLOW_"))}
     env.update(MMS_HOME=str(home), COLUMNS="200", PYTHONUNBUFFERED="1")
     return subprocess.run([MMS, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -26,6 +42,10 @@ def test_mms_run_default_digits_spec_registers_champion(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "digits-classifier v1 -> @champion" in proc.stdout
     assert "training epochs" in proc.stdout  # the progress display ran
+    noisy = [line for line in (proc.stdout + proc.stderr).splitlines() if any(t in line for t in NOISE)]
+    assert not noisy, "library noise on `mms run`'s screen (the demo spec):\n" + "\n".join(noisy)
+    server = embedded_prefect.status(home=tmp_path)  # kept for the next command
+    assert server is not None and f"embedded API {server.api_url}" in proc.stdout
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("digits-classifier", "champion")
@@ -66,6 +86,7 @@ def test_mms_run_default_digits_spec_registers_champion(tmp_path):
         home=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert embedded_prefect.status(home=tmp_path) == server  # attached to the same server, no new start
     got = pd.read_parquet(out)
     config, weights, version = load_package(
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", model="digits-classifier@champion"
@@ -74,6 +95,10 @@ def test_mms_run_default_digits_spec_registers_champion(tmp_path):
     assert got["id"].tolist() == list(range(len(rows)))
     assert (got["prediction"].to_numpy() == Predictor(config=config, weights=weights).predict(rows)).all()
     assert (got["prediction"].to_numpy() == digits.target).mean() > 0.95
+
+    proc = _mms("stack", "down", home=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "embedded-prefect" in proc.stdout, proc.stdout + proc.stderr
+    assert embedded_prefect.status(home=tmp_path) is None and not psutil.pid_exists(server.pid)
 
 
 def test_mms_run_rejects_a_bad_override_with_exit_code_2(tmp_path):
