@@ -27,7 +27,7 @@ test-fast: install  ## everything but the slow end-to-end tests
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install  ## every benchmark at a size for 2 cores (< 15 min) -> bench/data/*.jsonl, bench/*.png, bench/RESULTS.md; BENCH_SIZE=full: each at its own defaults (~20 min)
+bench: install  ## every benchmark at a size for 2 cores (~20 min) -> bench/data/*.jsonl, bench/*.png, bench/RESULTS.md; BENCH_SIZE=full: each at its own defaults (~55 min)
 	$(PY) -m bench.run_all --size $(or $(BENCH_SIZE),quick)  # runs bench.plot and bench.report at the end, prints each time and the total
 
 clean:

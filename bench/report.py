@@ -25,7 +25,9 @@ from pathlib import Path
 from bench import report_sections as rs
 from bench.report_data import Context, Missing, num, table
 from bench.report_gpu import gpu
+from bench.report_pipeline import pipeline
 from bench.report_serving import serving
+from bench.report_startup import orchestration_startup
 
 HERE = Path(__file__).parent
 
@@ -47,7 +49,13 @@ SECTIONS = (
         rs.ddp_overhead,
         "ddp_overhead.png",
     ),
-    Section("pipeline", "Wall time of `mms run` on digits", ("pipeline_walltime",), rs.pipeline),
+    Section("pipeline", "Wall time of `mms run` on digits", ("pipeline_walltime",), pipeline),
+    Section(
+        "orchestration_startup",
+        "Orchestration start-up under load: embedded Prefect server vs Prefect's temporary server",
+        ("orchestration_startup",),
+        orchestration_startup,
+    ),
     Section(
         "strategies",
         "Training strategies: samples/s on 1 and 2 CPU workers",

@@ -7,51 +7,6 @@ from __future__ import annotations
 
 from bench.report_data import Context, Missing, num, ratio, table, verdict
 
-TASK_LABELS = {"train_loop_only": "of which the training loop itself"}
-
-
-def _share(part: float | None, whole: float | None) -> str:
-    return f"{100 * part / whole:.0f}%" if part is not None and whole else "-"
-
-
-def pipeline(ctx: Context) -> list[str]:
-    """`mms run` on digits: where the wall time goes, and the flow's time outside its tasks."""
-    v = {x["measure"]: x["value"] for x in ctx.lines("pipeline_walltime") if "measure" in x}
-    whole = v.get("mms_run_cli_wall_s")
-    parts = [
-        ("whole `mms run examples/digits.yaml`, fresh process and MMS_HOME", "mms_run_cli_wall_s"),
-        ("Prefect temporary local server start", "prefect_temp_server_s"),
-        ("Python imports (torch, prefect, mlflow, dask, flows)", "imports_s"),
-        ("MLflow SQLite store creation (migrations) + first run", "mlflow_db_and_run_s"),
-        ("Dask LocalCluster start (2 processes)", "dask_cluster_start_s"),
-        ("the flow in a warm process (server up)", "flow_wall_warm_process_s"),
-    ]
-    tasks = sorted(
-        (k for k in v if k.startswith("task_")), key=lambda k: (k == "task_train_loop_only_s", -v[k])
-    )
-    for k in tasks:
-        name = k[len("task_") : -len("_s")]
-        parts.append((f"- {TASK_LABELS.get(name, 'task ' + name)}", k))
-    rows = [(label, num(v.get(k), 2), _share(v.get(k), whole)) for label, k in parts]
-    out = table(["part", "seconds", "share of the whole run"], rows)
-    task_keys = [k for k in tasks if k != "task_train_loop_only_s"]
-    flow = v.get("flow_wall_warm_process_s")
-    if flow and task_keys:
-        per_task_ms = 1000 * (flow - sum(v[k] for k in task_keys)) / len(task_keys)
-        out += [""] + table(
-            ["figure", "ours", "anchor (brief, section 4)", "ours / anchor"],
-            [
-                (
-                    f"flow wall time outside its {len(task_keys)} tasks, per task (an upper bound on "
-                    "Prefect's per-task cost: includes the flow's own work between tasks)",
-                    f"{per_task_ms:,.0f} ms",
-                    "Prefect ~10-100 ms per task run",
-                    f"{per_task_ms / 100:.1f}x the top of the range",
-                )
-            ],
-        )
-    return out
-
 
 def ddp_overhead(ctx: Context) -> list[str]:
     """Our run_ddp on the flow's cluster vs torchrun, same loop and shards; two cluster configs."""

@@ -3,9 +3,10 @@
     python -m bench.run_all [--size quick|full] [--only NAME,NAME...] [--no-report]
 
 ``--size quick`` (the default, and `make bench`'s) shrinks the slow benchmarks so that the whole
-run fits in well under 15 minutes on a 2-core box (fewer epochs, repetitions, seeds or load
-levels: see BENCHES); ``--size full`` runs each benchmark at its own defaults (~20 minutes on a
-quiet 2-core box). Each benchmark runs as ``python -m bench.NAME ARGS`` in a subprocess: its JSON
+run fits in about 20 minutes on a 2-core box (fewer epochs, repetitions, seeds, load levels or
+starts: see BENCHES); ``--size full`` runs each benchmark at its own defaults (~55 minutes on a
+quiet 2-core box, 30 of them the start-up benchmark's 20 starts of every mode). Each benchmark
+runs as ``python -m bench.NAME ARGS`` in a subprocess: its JSON
 lines go to bench/data/NAME.jsonl (from its stdout, or written by the benchmark itself), its
 stderr to the terminal. A benchmark that fails leaves its previous data file in place (what it
 printed goes to a temporary directory named in the record) and the run goes on.
@@ -55,7 +56,16 @@ GPT_CPU = (
     *("--mms", "both", "--device", "cpu", "--out", "bench/data/gpt_throughput_cpu.jsonl"),
 )
 BENCHES = (
-    Bench("pipeline_walltime", "bench.pipeline_walltime"),  # ~1 min, no size knob
+    # full: 3 pairs of ours/baseline `mms run` (fresh home, then the same home: ~6 min); quick: 2 (~4 min)
+    Bench("pipeline_walltime", "bench.pipeline_walltime", quick=("--pairs", "2")),
+    # full: 20 starts of each of our 3 modes and of the 2 baselines (~30 min: a round of all 5 took ~90 s
+    # under its CPU hog on 2 cores); quick: 3 and 2 (~5 min: ~80 s of warm-ups, then ~40 s per round of
+    # ours and ~50 s more in a round with the baselines)
+    Bench(
+        "orchestration_startup",
+        "bench.orchestration_startup",
+        quick=("--starts", "3", "--baseline-starts", "2"),
+    ),
     # full: 8 epochs, 3 reps each (~80 s per invocation); quick: 4 epochs, 5 reps (~100 s): the
     # headline is the median of the per-rep ratios, and short runs on a shared box need more of them
     Bench("ddp_overhead_mms", "bench.ddp_overhead", quick=("--epochs", "4", "--reps", "5")),

@@ -61,15 +61,24 @@ def strategies_lines() -> list[dict]:
 
 def pipeline_lines() -> list[dict]:
     values = {
-        "mms_run_cli_wall_s": 40.0,
-        "prefect_temp_server_s": 10.0,
+        "cli_ours_fresh_s": 31.0,
+        "cli_baseline_fresh_s": 45.0,
+        "cli_ours_reused_s": 16.0,
+        "cli_baseline_reused_s": 28.0,
+        "embedded_server_new_home_s": 10.0,
         "flow_wall_warm_process_s": 10.0,
         "task_train_s": 6.0,
         "task_evaluate_s": 1.0,
         "task_train_loop_only_s": 2.0,
     }
     stamp = {"bench": "pipeline_walltime", "machine": "x86_64 2 cpu", "date": "2026-11-30"}
-    return [stamp | {"measure": k, "value": v} for k, v in values.items()]
+    ratios = [
+        stamp | {"measure": "cli_fresh_ours_over_baseline", "value": 0.69, "min": 0.6, "max": 0.8,
+                 "baseline_rev": "abc1234"},
+        stamp | {"measure": "cli_reused_ours_over_baseline", "value": 0.57, "min": 0.5, "max": 0.6,
+                 "baseline_rev": "abc1234"},
+    ]  # fmt: skip
+    return [stamp | {"measure": k, "value": v} for k, v in values.items()] + ratios
 
 
 def compress_lines() -> list[dict]:
@@ -171,9 +180,14 @@ def test_tables_and_ratios(data_dir: Path, tmp_path: Path) -> None:
     assert "(quick size, 90 s)" in strategies  # from the run record
 
     pipeline = section(text, "Wall time")
-    assert "| Prefect temporary local server start | 10.00 | 25% |" in pipeline
+    assert "| fresh process, new MMS_HOME | 31.0 | 45.0 | **0.69** (0.60-0.80) |" in pipeline
+    assert "| fresh process, same MMS_HOME | 16.0 | 28.0 | **0.57** (0.50-0.60) |" in pipeline
+    assert "before (abc1234) s" in pipeline
+    assert "Goal <= 30 s on 2 cores, new MMS_HOME: **not met**, 31.0 s." in pipeline
+    assert "| embedded Prefect server, new home (spawn to ready) | 10.00 |" in pipeline
     # flow 10 s minus tasks (6 + 1 s; the loop-only figure is not a task) over 2 tasks
     assert "| 1,500 ms | Prefect ~10-100 ms per task run | 15.0x the top of the range |" in pipeline
+    assert "Goal <= 150 ms per task: **not met**." in pipeline
 
     comp = section(text, "Compression")
     assert "| int8 + prune 30% | 4,000 / 1,000 | **4.00x** | 0.9800 / 0.9700 | +1.00 |" in comp
@@ -238,3 +252,56 @@ def test_idempotent_and_atomic(data_dir: Path, tmp_path: Path) -> None:
     second = build(data_dir, tmp_path)
     assert first == second
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["RESULTS.md"]  # no temp file left
+
+
+def startup_lines(*, n: int, failures: int = 0, hog: int = 2) -> list[dict]:
+    """bench.orchestration_startup's summary lines: our 3 modes with ``n`` starts each, 2 baselines."""
+    stamp = {"bench": "orchestration_startup", "machine": MACHINE, "date": DATE, "hog_processes": hog}
+    stamp |= {"elapsed_s": 900.0, "hog_cores": 1.1, "nice": 0}
+
+    def mode(name: str, *, ours: bool, ready: float, done: float, fails: int = 0, vs: str = "") -> dict:
+        line = stamp | {"summary": True, "mode": name, "ours": ours, "fresh_home": "fresh" in name, "n": n}
+        line |= {"failures": fails, "first_error": "EmbeddedServerError: not ready" if fails else None}
+        line |= {"ready": {"p50": ready, "max": ready + 2}, "flow_done": {"p50": done, "max": done + 2}}
+        line |= {"wall": {"p50": done + 1, "max": done + 3}}
+        if vs:
+            pair = {"median": 0.5, "min": 0.4, "max": 0.75, "pairs": n}
+            line |= {"vs": vs, "ratio_ready": pair, "ratio_flow_done": pair | {"median": 0.6}}
+        return line
+
+    return [
+        stamp | {"mode": "ours_fresh", "round": 1, "seconds": {"ready": 9.0}, "ok": True, "error": None},
+        mode("ours_fresh", ours=True, ready=12.0, done=13.5, vs="baseline_fresh"),
+        mode("ours_reused_stopped", ours=True, ready=6.0, done=7.0, fails=failures, vs="baseline_reused"),
+        mode("ours_reused_running", ours=True, ready=2.0, done=3.0, vs="baseline_reused"),
+        mode("baseline_fresh", ours=False, ready=20.0, done=21.5, fails=3),
+        mode("baseline_reused", ours=False, ready=11.0, done=12.5),
+    ]
+
+
+def test_orchestration_startup_table_and_goal(data_dir: Path, tmp_path: Path) -> None:
+    text = build(data_dir, tmp_path)
+    startup = section(text, "Orchestration start-up")
+    assert "**Not measured**: no data in `bench/data/orchestration_startup.jsonl`" in startup
+    keys = [s.key for s in report.SECTIONS]
+    assert keys.index("orchestration_startup") == keys.index("pipeline") + 1
+
+    write(data_dir / "orchestration_startup.jsonl", startup_lines(n=20))
+    startup = section(build(data_dir, tmp_path), "Orchestration start-up")
+    fresh = "| ours, new home (server spawned, database migrated) | 20 | 0 | 12.0 / 14.0 | 13.5 / 15.5 |"
+    assert fresh in startup
+    assert "| 20 | **3** (EmbeddedServerError: not ready) | 20.0 / 22.0 |" in startup  # a baseline row
+    assert "| 0.50x (0.40-0.75), 20 rounds | **0.60x (0.40-0.75), 20 rounds** |" in startup
+    assert "hog of 2 spinning processes (nice 0; they got 1.10 cores on average)" in startup
+    # the baseline's failures do not count against ours
+    assert "Goal: 0 failures in 20 starts under load (ours): **met**" in startup
+
+    write(data_dir / "orchestration_startup.jsonl", startup_lines(n=20, failures=1))
+    startup = section(build(data_dir, tmp_path), "Orchestration start-up")
+    assert "**not met** (1 failure in 60 starts)" in startup
+    assert "| 20 | **1** (EmbeddedServerError: not ready) | 6.0 / 8.0 |" in startup
+
+    write(data_dir / "orchestration_startup.jsonl", startup_lines(n=4))  # the quick size
+    assert "**not met** (0 failures, but only 4 starts in a mode (20 needed))" in build(data_dir, tmp_path)
+    write(data_dir / "orchestration_startup.jsonl", startup_lines(n=20, hog=0))  # --no-hog
+    assert "**not met** (measured without the CPU hog" in build(data_dir, tmp_path)
