@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU machines: this exact pin takes the CPU wheel on disk; any other spec pulls GBs of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# PYTHONWARNINGS: setuptools' editable-install warning (a folder named like a package may shadow
+	# it: our mlflow/ holds no Python, see the design brief) is the only warning on a first screen.
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

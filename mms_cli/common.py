@@ -49,15 +49,16 @@ class Servers:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Settings for the flows this command runs. Flow-run heartbeats feed a full server's
-        zombie-run automations; the embedded server runs none, and the engine's wait for the
-        heartbeat thread (which sleeps in 1 s steps) added up to 1 s to the end of every flow."""
+        """Settings for the flows this command runs. In embedded mode: no flow-run heartbeats (they
+        feed a full server's zombie-run automations, the embedded server runs none, and the engine's
+        wait for the heartbeat thread, which sleeps in 1 s steps, added up to 1 s to the end of every
+        flow), and no "View at <UI link>" log line (the embedded server serves no UI)."""
         if self.mode != "embedded":
             yield
             return
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_UI_URL: ""}):
             yield
 
 

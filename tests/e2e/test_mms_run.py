@@ -27,6 +27,7 @@ NOISE = (
     "Creating initial MLflow database tables",
     "distributed.",  # the LocalCluster's scheduler and nannies at INFO
     "Starting temporary server",  # Prefect's per-process server: the embedded one replaced it
+    "View at http",  # a Prefect UI link: the embedded server serves no UI
 )
 
 
