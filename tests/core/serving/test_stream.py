@@ -139,8 +139,13 @@ from mms_core.packaging import Predictor, read_package
 from mms_core.serving.stream import StreamOptions, consume
 
 slow = Predictor.predict_array
-def predict_slowly(self, x):  # most of the consumer's time is spent mid-batch: read, not answered
-    time.sleep(0.1)
+batches = 0
+def predict_slowly(self, x):
+    # A few batches answered, then the next one is held (read, not answered) until the kill: the
+    # kill lands mid-batch whatever the machine's load (a 0.1 s window per batch was missed in CI).
+    global batches
+    batches += 1
+    time.sleep(0.1 if batches <= 4 else 120)
     return slow(self, x)
 Predictor.predict_array = predict_slowly
 config, weights = read_package(Path(sys.argv[1]))
@@ -151,7 +156,7 @@ consume(config=config, weights=weights, model_version="7", source=sys.argv[2], s
 
 def _mid_batch(r: redis.Redis, src: str, dst: str) -> bool:
     """The victim has answered a few batches and now holds one it has been predicting for a while
-    (its model sleeps 100 ms per batch), so a kill now lands mid-batch."""
+    (its model holds its fifth batch), so a kill now lands mid-batch."""
     consumers = {c["name"]: c for c in r.xinfo_consumers(src, "mms")}
     victim = consumers.get("victim", {"pending": 0, "idle": 0})
     return r.xlen(dst) >= 30 and victim["pending"] > 0 and victim["idle"] >= 20
