@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from infra.prefect_keeper import EXIT_PORT_TAKEN, server_dir
+from infra.prefect_keeper import EXIT_PORT_TAKEN, lease_name, server_dir
 from infra.procs import HOST, bind_port, http_ok, locked, same_process, terminate
 from mms_core.errors import MMSError
 
@@ -106,8 +106,7 @@ def acquire(*, home: Path, idle_s: float) -> Lease:
         record = _live_record(home)
         if record is None:
             record = _spawn(home, port=_free_port(), idle_s=idle_s)
-        me = psutil.Process()
-        path = directory / "leases" / f"{me.pid}-{round(me.create_time() * 1000)}"
+        path = directory / "leases" / lease_name(psutil.Process())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()  # under the lock: the server cannot decide it is idle between the check and this
     return Lease(home=home, server=record, path=path, idle_s=idle_s)

@@ -36,6 +36,11 @@ def server_dir(home: Path) -> Path:
     return home / "prefect" / "embedded"
 
 
+def lease_name(proc: psutil.Process) -> str:
+    """The lease file name of ``proc``: ``<pid>-<create time in ms>``, so a recycled pid is no lease."""
+    return f"{proc.pid}-{round(proc.create_time() * 1000)}"
+
+
 def lease_alive(path: Path) -> bool:
     """True when the lease's process (``<pid>-<create time in ms>``) still runs."""
     try:
