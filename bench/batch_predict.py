@@ -5,7 +5,7 @@
 Same Parquet table (synthetic, 64 features, 8 files), same model, same output (Parquet with id +
 prediction); two models: ``mlp-1024x1024`` (compute-bound) and ``mlp-default`` (the zoo's
 default MLP, which the digits pipeline trains: cheap, so reading and writing dominate).
-(a) ``dask``: mms_core.serving.batch on the flow's LocalCluster (2 workers x 1 thread), cluster
+(a) ``dask``: mms_core.serving.offline.batch on the flow's LocalCluster (2 workers x 1 thread), cluster
 start excluded, measured separately; (b) ``plain``: one process, pandas reads the table, torch
 (default threads: every core) predicts in 8192-row chunks, pandas writes.
 Goal from issue 3: dask/plain >= 1.6 on 2 workers.
@@ -81,7 +81,7 @@ def run_plain(*, table: str, config: PackageConfig, weights: bytes, out: Path) -
 
 
 def run_dask(*, client, table: str, config: PackageConfig, weights: bytes, out: Path) -> float:
-    from mms_core.serving.batch import predict_table
+    from mms_core.serving.offline.batch import predict_table
 
     t0 = time.perf_counter()
     predict_table(

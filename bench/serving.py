@@ -135,8 +135,8 @@ def serve_mms(*, model: str, port: int) -> None:
     """What ``mms serve --model MODEL@champion --port PORT`` runs (mms_cli/serving.py)."""
     from infra.cluster import dask_client
     from mms_core.config import Settings
-    from mms_core.serving.config import ServeConfig
-    from mms_core.serving.server import build_server, serve_forever
+    from mms_core.serving.online.config import ServeConfig
+    from mms_core.serving.online.server import build_server, serve_forever
 
     settings = Settings()
     with dask_client(settings) as client:

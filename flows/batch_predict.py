@@ -6,7 +6,7 @@ from prefect import flow
 
 from infra.cluster import dask_client
 from mms_core.config import Settings
-from mms_core.serving.batch import BatchResult
+from mms_core.serving.offline.batch import BatchResult
 from tasks.predict import batch_predict as predict_task
 
 

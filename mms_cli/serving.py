@@ -26,7 +26,7 @@ def serve(
     from pydantic import ValidationError
 
     from mms_core.errors import MMSError
-    from mms_core.serving.config import ServeConfig
+    from mms_core.serving.online.config import ServeConfig
 
     settings = settings_from_env()
     use_stack_if_up(settings)
@@ -38,7 +38,7 @@ def serve(
         raise typer.Exit(2) from None
     from infra.cluster import dask_client
     from mms_core.config import Settings
-    from mms_core.serving.server import build_server, serve_forever
+    from mms_core.serving.online.server import build_server, serve_forever
 
     settings = Settings()  # after the stack may have set MMS_* variables
     with dask_client(settings) as client:
@@ -68,7 +68,7 @@ def keys_create(
     """Issue an API key; the key is shown once and stored only as a hash."""
     from mms_core.errors import MMSError
     from mms_core.serving.metering import KeyStore
-    from mms_core.serving.server import metering_path
+    from mms_core.serving.online.server import metering_path
 
     try:
         token, key = KeyStore(path=metering_path(settings_from_env().home)).create(
@@ -88,7 +88,7 @@ def keys_revoke(
     """Revoke a key; servers refuse it (403) within seconds."""
     from mms_core.errors import MMSError
     from mms_core.serving.metering import KeyStore
-    from mms_core.serving.server import metering_path
+    from mms_core.serving.online.server import metering_path
 
     try:
         key = KeyStore(path=metering_path(settings_from_env().home)).revoke(key_id=key_id)
@@ -104,7 +104,7 @@ def keys_list() -> None:
     from rich.table import Table
 
     from mms_core.serving.metering import KeyStore
-    from mms_core.serving.server import metering_path
+    from mms_core.serving.online.server import metering_path
 
     table = Table("key id", "tenant", "admin", "quota rows/min", "created", "revoked")
     for k in KeyStore(path=metering_path(settings_from_env().home)).list():
@@ -127,9 +127,9 @@ def usage(
 
     from rich.table import Table
 
-    from mms_core.serving.config import ServeConfig
     from mms_core.serving.metering import usage_report
-    from mms_core.serving.server import metering_path
+    from mms_core.serving.online.config import ServeConfig
+    from mms_core.serving.online.server import metering_path
 
     def when(text: str) -> datetime:
         try:
@@ -186,7 +186,7 @@ def stream(
     from mms_core.config import Settings
     from mms_core.errors import MMSError
     from mms_core.monitoring.live import stream_stats_uri
-    from mms_core.serving.stream import StreamOptions, stream_registered
+    from mms_core.serving.offline.stream import StreamOptions, stream_registered
 
     use_stack_if_up(settings_from_env())
     settings = Settings()

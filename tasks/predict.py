@@ -6,7 +6,7 @@ from distributed import Client
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from mms_core.serving.batch import BatchResult, predict_registered
+from mms_core.serving.offline.batch import BatchResult, predict_registered
 
 
 @task(name="batch-predict", cache_policy=NONE)

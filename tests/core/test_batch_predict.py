@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from mms_core.errors import DataError
 from mms_core.models import ModelSpec, build_model
 from mms_core.packaging import PackageConfig, Predictor
-from mms_core.serving import batch, predictors
+from mms_core.serving.offline import batch, predictors
 
 
 @pytest.fixture(scope="module")

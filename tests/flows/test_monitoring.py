@@ -31,9 +31,9 @@ from mms_core.config import Settings
 from mms_core.monitoring.live import stream_stats_uri
 from mms_core.monitoring.reference import ARTIFACT
 from mms_core.monitoring.stats import RunningStats
-from mms_core.serving.app import ServedModel, create_app
-from mms_core.serving.config import ServeConfig
-from mms_core.serving.stream import StreamOptions, consume
+from mms_core.serving.offline.stream import StreamOptions, consume
+from mms_core.serving.online.app import ServedModel, create_app
+from mms_core.serving.online.config import ServeConfig
 from mms_core.spec import PipelineSpec
 
 _spec = importlib.util.spec_from_file_location(

@@ -14,8 +14,8 @@ from distributed import Client, LocalCluster
 from sklearn.datasets import load_digits
 
 from mms_core import registry
-from mms_core.serving.app import ServedModel, create_app
-from mms_core.serving.config import ServeConfig
+from mms_core.serving.online.app import ServedModel, create_app
+from mms_core.serving.online.config import ServeConfig
 from mms_core.serving.rollout import RolloutSpec
 
 _spec = importlib.util.spec_from_file_location(

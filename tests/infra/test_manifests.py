@@ -10,7 +10,7 @@ import yaml
 
 from infra.dask_config import WORKER_DASK_CONFIG
 from mms_core.config import Settings
-from mms_core.serving.config import ServeConfig
+from mms_core.serving.online.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

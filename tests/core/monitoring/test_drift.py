@@ -10,7 +10,7 @@ from mms_core.errors import MonitoringError
 from mms_core.monitoring.drift import DriftThresholds, compare, psi
 from mms_core.monitoring.report import drift_png, health_from_metrics, markdown
 from mms_core.monitoring.stats import N_BINS, RunningStats, StatsSnapshot, merge
-from mms_core.serving.metrics import ServingMetrics
+from mms_core.serving.online.metrics import ServingMetrics
 
 DIGITS = load_digits()
 X, Y = DIGITS.data, DIGITS.target

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from mms_core.serving.lease import active_leases, lease_dir, write_lease
-from mms_core.serving.server import hold_serving_lease
+from mms_core.serving.online.server import hold_serving_lease
 
 
 class _Router:

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from mms_core.packaging import Predictor
-from mms_core.serving.app import ServedModel, create_app
-from mms_core.serving.config import ServeConfig
 from mms_core.serving.metering import KeyStore
+from mms_core.serving.online.app import ServedModel, create_app
+from mms_core.serving.online.config import ServeConfig
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -24,7 +24,7 @@ from mms_core.errors import MMSError
 from mms_core.monitoring.live import read_stream
 from mms_core.monitoring.stats import merge
 from mms_core.packaging import Predictor, write_package
-from mms_core.serving.stream import StreamError, StreamOptions, run_stream
+from mms_core.serving.offline.stream import StreamError, StreamOptions, run_stream
 
 pytestmark = pytest.mark.timeout(120)  # a consumer that never stops fails its test, not the run
 
@@ -115,7 +115,7 @@ def test_redis_reclaims_a_dead_consumers_batch(dask_client, digits_package, digi
 
 
 def test_redis_a_stale_consumer_cannot_answer_twice(digits_rows, redis_url):
-    from mms_core.serving.stream_redis import RedisIO, RedisStream
+    from mms_core.serving.offline.stream_redis import RedisIO, RedisStream
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     src, dst = _names()
@@ -136,7 +136,7 @@ _VICTIM = """
 import sys, time
 from pathlib import Path
 from mms_core.packaging import Predictor, read_package
-from mms_core.serving.stream import StreamOptions, consume
+from mms_core.serving.offline.stream import StreamOptions, consume
 
 slow = Predictor.predict_array
 batches = 0
@@ -165,7 +165,7 @@ def _mid_batch(r: redis.Redis, src: str, dst: str) -> bool:
 def test_redis_consumer_killed_mid_batch_loses_and_duplicates_nothing(
     digits_package, digits_rows, redis_url, tmp_path
 ):
-    from mms_core.serving.stream import consume
+    from mms_core.serving.offline.stream import consume
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     src, dst = _names()

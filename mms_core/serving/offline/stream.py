@@ -32,9 +32,8 @@ from distributed import Client, Event, secede
 from mms_core import storage
 from mms_core.monitoring.stats import RunningStats
 from mms_core.packaging import PackageConfig
-from mms_core.serving.payload import InputSchema
-from mms_core.serving.predictors import cached_predictor
-from mms_core.serving.stream_consumer import (
+from mms_core.serving.offline.predictors import cached_predictor
+from mms_core.serving.offline.stream_consumer import (
     ConsumerRun,
     ConsumerStats,
     StopFlag,
@@ -43,7 +42,8 @@ from mms_core.serving.stream_consumer import (
     StreamResult,
     decode_json,
 )
-from mms_core.serving.stream_redis import RedisIO, RedisStream, connect, consume_redis, ensure_group
+from mms_core.serving.offline.stream_redis import RedisIO, RedisStream, connect, consume_redis, ensure_group
+from mms_core.serving.payload import InputSchema
 
 __all__ = [
     "ConsumerStats",

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mms_core.errors import MeteringError
-from mms_core.serving.metering_db import ANONYMOUS, connect, init_db, transaction
+from mms_core.serving.metering.db import ANONYMOUS, connect, init_db, transaction
 
 _TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TOKEN_RE = re.compile(r"mms_(k_[0-9a-f]{16})_([A-Za-z0-9_-]{20,128})")

@@ -6,10 +6,10 @@ SQLite file). Import from here or from those modules.
 """
 
 from mms_core.errors import MeteringError
-from mms_core.serving.keys import ApiKey, KeyStore
-from mms_core.serving.metering_db import ANONYMOUS
-from mms_core.serving.quota import QuotaLimiter
-from mms_core.serving.usage import UsageMeter, UsageRow, usage_report
+from mms_core.serving.metering.db import ANONYMOUS
+from mms_core.serving.metering.keys import ApiKey, KeyStore
+from mms_core.serving.metering.quota import QuotaLimiter
+from mms_core.serving.metering.usage import UsageMeter, UsageRow, usage_report
 
 __all__ = [
     "ANONYMOUS",

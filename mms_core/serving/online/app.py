@@ -28,11 +28,11 @@ from starlette.exceptions import HTTPException
 from mms_core.errors import MMSError
 from mms_core.monitoring.stats import RunningStats
 from mms_core.packaging import PackageConfig
-from mms_core.serving.config import ServeConfig
 from mms_core.serving.metering import ApiKey, KeyStore, QuotaLimiter, UsageMeter
-from mms_core.serving.metrics import ServingMetrics
+from mms_core.serving.online.config import ServeConfig
+from mms_core.serving.online.metrics import ServingMetrics
+from mms_core.serving.online.router import Overloaded, ReplicaError, Router
 from mms_core.serving.payload import InputSchema, PayloadError, parse_body
-from mms_core.serving.router import Overloaded, ReplicaError, Router
 
 log = logging.getLogger("mms.serving")
 Loader = Callable[[str], tuple[PackageConfig, bytes, str]]  # version -> (package, weights, version)

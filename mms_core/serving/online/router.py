@@ -30,9 +30,9 @@ from distributed import Client, Future
 
 from mms_core.errors import MMSError
 from mms_core.packaging import PackageConfig
-from mms_core.serving.config import ServeConfig
-from mms_core.serving.metrics import ServingMetrics
-from mms_core.serving.replica import Replica
+from mms_core.serving.online.config import ServeConfig
+from mms_core.serving.online.metrics import ServingMetrics
+from mms_core.serving.online.replica import Replica
 
 log = logging.getLogger("mms.serving")
 MAX_ATTEMPTS = 3

@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mms_core.serving.payload import FORMATS, PayloadError
-from mms_core.serving.stream_consumer import (
+from mms_core.serving.offline.stream_consumer import (
     ConsumerRun,
     ConsumerStats,
     StreamError,
     StreamOptions,
     decode_json,
 )
+from mms_core.serving.payload import FORMATS, PayloadError
 
 if TYPE_CHECKING:
     import redis

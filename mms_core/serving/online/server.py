@@ -18,10 +18,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from mms_core import registry
-from mms_core.serving.app import ServedModel, create_app
-from mms_core.serving.config import ServeConfig
 from mms_core.serving.lease import LEASE_TTL_S, new_lease_id, remove_lease, write_lease
 from mms_core.serving.metering import KeyStore, UsageMeter
+from mms_core.serving.online.app import ServedModel, create_app
+from mms_core.serving.online.config import ServeConfig
 
 
 def metering_path(home: Path) -> Path:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mms_core.errors import MeteringError
-from mms_core.serving.metering_db import ANONYMOUS, connect, init_db, transaction
+from mms_core.serving.metering.db import ANONYMOUS, connect, init_db, transaction
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Batch prediction on Dask: read a table from any fsspec URI, predict partition by partition,
 write Parquet atomically. The model's bytes are broadcast to the workers once and each worker
-builds the network once (the shared :func:`~mms_core.serving.predictors.cached_predictor`), not once
+builds the network once (the shared :func:`~mms_core.serving.offline.predictors.cached_predictor`), not once
 per partition."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from mms_core import storage
 from mms_core.errors import DataError
 from mms_core.packaging import PackageConfig
-from mms_core.serving.predictors import cached_predictor, package_key
+from mms_core.serving.offline.predictors import cached_predictor, package_key
 
 
 class BatchResult(BaseModel):
