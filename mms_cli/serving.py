@@ -67,8 +67,7 @@ def keys_create(
 ) -> None:
     """Issue an API key; the key is shown once and stored only as a hash."""
     from mms_core.errors import MMSError
-    from mms_core.serving.metering import KeyStore
-    from mms_core.serving.online.server import metering_path
+    from mms_core.serving.metering import KeyStore, metering_path
 
     try:
         token, key = KeyStore(path=metering_path(settings_from_env().home)).create(
@@ -87,8 +86,7 @@ def keys_revoke(
 ) -> None:
     """Revoke a key; servers refuse it (403) within seconds."""
     from mms_core.errors import MMSError
-    from mms_core.serving.metering import KeyStore
-    from mms_core.serving.online.server import metering_path
+    from mms_core.serving.metering import KeyStore, metering_path
 
     try:
         key = KeyStore(path=metering_path(settings_from_env().home)).revoke(key_id=key_id)
@@ -103,8 +101,7 @@ def keys_list() -> None:
     """List keys (ids, tenants, quotas; never the secrets)."""
     from rich.table import Table
 
-    from mms_core.serving.metering import KeyStore
-    from mms_core.serving.online.server import metering_path
+    from mms_core.serving.metering import KeyStore, metering_path
 
     table = Table("key id", "tenant", "admin", "quota rows/min", "created", "revoked")
     for k in KeyStore(path=metering_path(settings_from_env().home)).list():
@@ -127,9 +124,8 @@ def usage(
 
     from rich.table import Table
 
-    from mms_core.serving.metering import usage_report
+    from mms_core.serving.metering import metering_path, usage_report
     from mms_core.serving.online.config import ServeConfig
-    from mms_core.serving.online.server import metering_path
 
     def when(text: str) -> datetime:
         try:

@@ -7,10 +7,13 @@ protecting its versions one TTL later, and a live server refreshes long before t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -70,3 +73,28 @@ def active_leases(*, home: Path, now: float | None = None) -> list[Lease]:
         if lease.expires_at > now:
             leases.append(lease)
     return leases
+
+
+@asynccontextmanager
+async def held_lease(
+    *, home: Path, model: str, versions: Callable[[], list[str]], ttl_s: float = LEASE_TTL_S
+) -> AsyncIterator[None]:
+    """Hold a lease on ``versions()`` of ``model`` while the block runs: written at once (claimed
+    before anything loads), rewritten every ``ttl_s / 4`` with the versions then served (a rollout's
+    new version is covered, a removed one released), removed at the end."""
+    lease_id = new_lease_id()
+    write_lease(home=home, lease_id=lease_id, model=model, versions=versions(), ttl_s=ttl_s)
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 4)
+            write_lease(home=home, lease_id=lease_id, model=model, versions=versions(), ttl_s=ttl_s)
+
+    task = asyncio.create_task(refresh())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        remove_lease(home=home, lease_id=lease_id)

@@ -76,24 +76,44 @@ def parse_body(body: Any, schema: InputSchema) -> np.ndarray:
 
 
 def _as_matrix(rows: Any, width: int, what: str) -> np.ndarray:
+    """``rows`` as float32 ``[n, width]``: a flat list of plain numbers per row, nothing else.
+
+    The element types are checked before numpy sees them: ``np.asarray`` would silently turn bools
+    into numbers and a row of lists into a 3-D array that passes a width check and then breaks a
+    batch it joins.
+    """
     if not isinstance(rows, list):
         raise PayloadError(f"{what} must be a list of rows, got {type(rows).__name__}")
     if not rows:
         raise PayloadError(f"{what} is empty: send at least one row")
     if not all(isinstance(r, list) for r in rows):
+        if any(isinstance(r, list) for r in rows):
+            raise PayloadError(f"{what} mixes rows and single values: send a list of rows of {width} numbers")
         rows = [rows]  # a single row sent without the outer list
     bad = next((i for i, r in enumerate(rows) if len(r) != width), None)
     if bad is not None:
         raise PayloadError(
             f"{what}: row {bad} has {len(rows[bad])} values but the model takes {width} features"
         )
+    kinds = {type(v) for r in rows for v in r}
+    if not kinds <= _NUMBERS:
+        names = sorted({_JSON_NAMES.get(k, k.__name__) for k in kinds - _NUMBERS})
+        raise PayloadError(
+            f"{what}: every value must be a number (int or float), not {', '.join(names)}; "
+            f"send one flat list of {width} numbers per row"
+        )
     try:
-        x = np.asarray(rows)  # no dtype: strings, bools and nulls must not be silently converted
-    except (TypeError, ValueError):
-        x = np.asarray([0], dtype=object)
-    if x.dtype.kind not in "iuf":
-        raise PayloadError(f"{what}: every value must be a number (int or float), not a string, bool or null")
-    return x.astype(np.float32, copy=False)
+        x = np.asarray(rows, dtype=np.float64)
+    except OverflowError:
+        raise PayloadError(
+            f"{what}: a number is too large for a float; send values within +-3.4e38"
+        ) from None
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, which the NaN policy handles
+        return x.astype(np.float32)
+
+
+_NUMBERS = {int, float}
+_JSON_NAMES = {str: "a string", bool: "a bool", type(None): "null", list: "a list", dict: "an object"}
 
 
 def _from_rows(rows: Any, schema: InputSchema) -> np.ndarray:

@@ -14,6 +14,7 @@ from distributed import Client, LocalCluster
 from sklearn.datasets import load_digits
 
 from mms_core import registry
+from mms_core.serving.metering import KeyStore
 from mms_core.serving.online.app import ServedModel, create_app
 from mms_core.serving.online.config import ServeConfig
 from mms_core.serving.rollout import RolloutSpec
@@ -43,16 +44,18 @@ def served(mms_home, cluster):
     v1 = serving.register_digits(tracking_uri=tracking, artifact_root=artifacts, seed=0, alias="champion")
     v2 = serving.register_digits(tracking_uri=tracking, artifact_root=artifacts, seed=1, alias="candidate")
     package, weights, version = registry.load_package(tracking_uri=tracking, model=f"{NAME}@champion")
+    keys = KeyStore(path=mms_home / "metering.db")
+    admin, _ = keys.create(tenant="ops", admin=True)  # the admin API needs one, loopback included
     app = create_app(
-        config=ServeConfig(replicas=1, health_interval_s=0.5, drain_timeout_s=10),
+        config=ServeConfig(replicas=1, health_interval_s=0.5, drain_s=10),
         model=ServedModel(name=NAME, version=version, package=package, weights=weights),
         scheduler_address=cluster.scheduler.address,
-        keys=None,
+        keys=keys,
         meter=None,
         loader=lambda v: registry.load_package(tracking_uri=tracking, model=f"{NAME}/{v}"),
     )
     with serving.running_server(app) as url:
-        yield url, tracking, v1, v2
+        yield url, tracking, v1, v2, admin
 
 
 class Load:
@@ -89,9 +92,15 @@ def _mlflow_decisions(tracking: str) -> list[str]:
 def test_good_version_is_promoted_without_a_failed_request(served):
     from flows.serving_rollout import serving_rollout
 
-    url, tracking, v1, v2 = served
+    url, tracking, v1, v2, admin = served
     spec = RolloutSpec(
-        server_url=url, model=NAME, canary_share=0.3, window_s=2, min_requests=10, max_p95_ms=5000
+        server_url=url,
+        model=NAME,
+        canary_share=0.3,
+        window_s=2,
+        min_requests=10,
+        max_p95_ms=5000,
+        api_key=admin,
     )
     with Load(url) as load:
         decision = serving_rollout(spec=spec)
@@ -112,10 +121,16 @@ def test_good_version_is_promoted_without_a_failed_request(served):
 def test_version_failing_the_gate_is_rolled_back_without_a_failed_request(served):
     from flows.serving_rollout import serving_rollout
 
-    url, tracking, v1, v2 = served
+    url, tracking, v1, v2, admin = served
     # A p95 limit no real request can meet: the canary must fail the gate.
     spec = RolloutSpec(
-        server_url=url, model=NAME, canary_share=0.3, window_s=2, min_requests=5, max_p95_ms=0.001
+        server_url=url,
+        model=NAME,
+        canary_share=0.3,
+        window_s=2,
+        min_requests=5,
+        max_p95_ms=0.001,
+        api_key=admin,
     )
     with Load(url) as load:
         decision = serving_rollout(spec=spec)

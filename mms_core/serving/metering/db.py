@@ -14,6 +14,13 @@ from pathlib import Path
 
 from mms_core.errors import MeteringError
 
+
+def metering_path(home: Path) -> Path:
+    """The metering database of MMS_HOME ``home`` (keys and usage), its folder created."""
+    home.mkdir(parents=True, exist_ok=True)
+    return home / "metering.db"
+
+
 ANONYMOUS = "anonymous"  # key_id and tenant of requests served without a key (loopback, auth off)
 _BUSY_TIMEOUT_S = 10.0  # how long a writer waits for another process's transaction to finish
 

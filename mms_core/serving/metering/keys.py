@@ -142,29 +142,38 @@ class KeyStore:
         return _key_from_row(row)[1]
 
     def verify(self, token: str) -> ApiKey | None:
-        """The key a bearer token belongs to.
+        """The key a bearer token belongs to (reads the database on a cache miss).
 
         Returns:
             The key's record (with ``revoked=True`` for a revoked key), or None for a malformed
             token, an unknown key or a wrong secret.
         """
+        hit, key = self.verify_cached(token)
+        if hit:
+            return key
+        key_id, secret = _TOKEN_RE.fullmatch(token).groups()
+        with connect(self.path) as conn:
+            row = conn.execute(f"{_KEY_SELECT} WHERE key_id = ?", (key_id,)).fetchone()
+        if row is None:
+            return None
+        cached = (self._clock() + self._ttl, *_key_from_row(row))
+        with self._lock:
+            self._cache[key_id] = cached
+        return _check_secret(cached, secret)
+
+    def verify_cached(self, token: str) -> tuple[bool, ApiKey | None]:
+        """``(True, key or None)`` when memory alone can answer (a malformed token, a cached key);
+        ``(False, None)`` when :meth:`verify` must read the database. Never touches the disk, so an
+        event loop may call it; the server sends only misses to a thread."""
         match = _TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
         if match is None:
-            return None
+            return True, None
         key_id, secret = match.groups()
-        now = self._clock()
         with self._lock:
             cached = self._cache.get(key_id)
-        if cached is None or cached[0] <= now:
-            with connect(self.path) as conn:
-                row = conn.execute(f"{_KEY_SELECT} WHERE key_id = ?", (key_id,)).fetchone()
-            if row is None:
-                return None
-            cached = (now + self._ttl, *_key_from_row(row))
-            with self._lock:
-                self._cache[key_id] = cached
-        _, secret_hash, key = cached
-        return key if hmac.compare_digest(secret_hash, _sha256(secret)) else None
+        if cached is None or cached[0] <= self._clock():
+            return False, None
+        return True, _check_secret(cached, secret)
 
     def list(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
@@ -176,6 +185,11 @@ class KeyStore:
 _KEY_SELECT = (
     "SELECT key_id, secret_sha256, tenant, admin, quota_rows_per_min, created, revoked_at FROM api_keys"
 )
+
+
+def _check_secret(cached: tuple[float, str, ApiKey], secret: str) -> ApiKey | None:
+    _, secret_hash, key = cached
+    return key if hmac.compare_digest(secret_hash, _sha256(secret)) else None
 
 
 def _key_from_row(row: tuple) -> tuple[str, ApiKey]:

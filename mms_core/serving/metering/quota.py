@@ -49,3 +49,12 @@ class QuotaLimiter:
                 return 0.0
             self._buckets[key_id] = (tokens, now)
             return (need - tokens) / rate
+
+    def wait_s(self, *, key_id: str, limit_per_min: int) -> float:
+        """Seconds until the key's bucket holds a token again (0.0: now); takes nothing. The server
+        asks this before it reads a body, so a key over quota costs no parsing."""
+        rate = limit_per_min / 60
+        with self._lock:
+            tokens, at = self._buckets.get(key_id, (float(limit_per_min), self._clock()))
+            tokens = min(float(limit_per_min), tokens + (self._clock() - at) * rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / rate

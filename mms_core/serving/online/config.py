@@ -47,10 +47,27 @@ class ServeConfig(BaseSettings):
     require_key: bool | None = Field(
         default=None, description="Require `Authorization: Bearer KEY`; default: only beyond loopback."
     )
-    request_timeout_s: float = Field(default=10.0, gt=0, description="A replica call slower than this fails.")
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Deadline of every request (504 after it, its slot freed); a replica whose call runs "
+        "longer is taken out and replaced.",
+    )
+    max_concurrent_requests: int = Field(
+        default=512, ge=1, description="Prediction requests in the server at once; beyond: 503 + Retry-After."
+    )
+    trusted_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host headers accepted beyond the loopback names (DNS-rebinding guard); a server bound "
+        "beyond loopback accepts any host unless this is set.",
+    )
     health_interval_s: float = Field(default=1.0, gt=0, description="Seconds between replica health checks.")
     health_timeout_s: float = Field(default=2.0, gt=0, description="A health check slower than this fails.")
-    drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM, wait this long for requests.")
+    drain_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, requests in flight get this long to finish; the rest are answered 503.",
+    )
     price_per_1k_rows: float = Field(default=0.0, ge=0, description="Price printed by `mms usage`.")
     metering_flush_s: float = Field(default=5.0, gt=0, description="Usage counters are written this often.")
 
@@ -62,6 +79,13 @@ class ServeConfig(BaseSettings):
                 "or bind to 127.0.0.1"
             )
         return self
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """Host header values the server answers (Starlette's TrustedHostMiddleware)."""
+        if not is_loopback(self.host) and not self.trusted_hosts:
+            return ["*"]  # beyond loopback API keys are required; the operator may pin names here
+        return ["127.0.0.1", "localhost", "[::1]", "::1", self.host, *self.trusted_hosts]
 
     @property
     def auth_required(self) -> bool:

@@ -1,37 +1,42 @@
 """Run the online server in this process: load the model from the registry, start uvicorn.
 
-uvicorn handles SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
-(up to ``drain_timeout_s``), then the app's shutdown drains the replica queues, flushes usage
-counters and releases the replicas.
+On SIGTERM/SIGINT uvicorn stops accepting connections and waits for the open ones; the runtime's
+drain timer answers whatever is still waiting after ``drain_s`` with 503, so connections close and
+the process exits within the drain period; then the app's shutdown flushes usage counters, releases
+the replicas and the serving lease.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
 
 from mms_core import registry
-from mms_core.serving.lease import LEASE_TTL_S, new_lease_id, remove_lease, write_lease
-from mms_core.serving.metering import KeyStore, UsageMeter
+from mms_core.serving.metering import KeyStore, UsageMeter, metering_path
 from mms_core.serving.online.app import ServedModel, create_app
 from mms_core.serving.online.config import ServeConfig
+from mms_core.serving.online.runtime import ServingRuntime
 
 
-def metering_path(home: Path) -> Path:
-    home.mkdir(parents=True, exist_ok=True)
-    return home / "metering.db"
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: a stop signal starts the runtime's drain timer (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, *, runtime: ServingRuntime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)
+        # Signal handlers run on the main thread between the loop's steps: the loop is this thread's.
+        self.runtime.begin_drain()
 
 
 def build_server(
     *, config: ServeConfig, model: str, tracking_uri: str, scheduler_address: str, home: Path
-) -> uvicorn.Server:
+) -> DrainingServer:
     """A uvicorn server for ``model`` (NAME@ALIAS or NAME/VERSION); ``.run()`` blocks until stopped.
 
     Raises:
@@ -47,20 +52,20 @@ def build_server(
         keys=KeyStore(path=db),
         meter=UsageMeter(path=db, flush_interval_s=config.metering_flush_s),
         loader=lambda v: registry.load_package(tracking_uri=tracking_uri, model=f"{name}/{v}"),
+        home=home,
     )
-    hold_serving_lease(app, home=home, name=name, version=version)
     logging.getLogger("mms.serving").setLevel(logging.INFO)
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level="info",
-            access_log=False,  # per-request logs cost more than the model call; /metrics counts them
-            timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
-            limit_concurrency=None,
-        )
+    uv = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        access_log=False,  # per-request logs cost more than the model call; /metrics counts them
+        # A backstop only: the drain timer answers what is left at drain_s, so connections close by then.
+        timeout_graceful_shutdown=int(config.drain_s) + 2,
+        limit_concurrency=None,
     )
+    return DrainingServer(uv, runtime=app.state.runtime)
 
 
 def serve_forever(server: uvicorn.Server) -> None:
@@ -73,43 +78,3 @@ def serve_forever(server: uvicorn.Server) -> None:
     actors bind to the server's own asynchronous client (bench/serving.py measured both).
     """
     contextvars.Context().run(server.run)
-
-
-def hold_serving_lease(
-    app: FastAPI, *, home: Path, name: str, version: str, ttl_s: float = LEASE_TTL_S
-) -> None:
-    """While ``app`` runs, keep a lease under ``home`` naming the versions it serves (retention
-    never deletes a leased version); the lease is removed when the app shuts down.
-
-    The versions are re-read from the app's router at each refresh, so a rollout's new version
-    is covered within ``ttl_s / 4`` and a removed one is released.
-    """
-    inner = app.router.lifespan_context
-    lease_id = new_lease_id()
-
-    def served() -> list[str]:
-        router = getattr(app.state, "router", None)
-        return sorted(router.pools) if router is not None else [version]  # loading and draining too
-
-    async def refresh() -> None:
-        while True:
-            write_lease(home=home, lease_id=lease_id, model=name, versions=served(), ttl_s=ttl_s)
-            await asyncio.sleep(ttl_s / 4)
-
-    @asynccontextmanager
-    async def lifespan(a: FastAPI) -> AsyncIterator[None]:
-        # Claimed before the replicas load: the model must not vanish while it is being served.
-        write_lease(home=home, lease_id=lease_id, model=name, versions=[version], ttl_s=ttl_s)
-        try:
-            async with inner(a) as state:
-                task = asyncio.create_task(refresh())
-                try:
-                    yield state
-                finally:
-                    task.cancel()
-                    with suppress(asyncio.CancelledError):
-                        await task
-        finally:
-            remove_lease(home=home, lease_id=lease_id)
-
-    app.router.lifespan_context = lifespan

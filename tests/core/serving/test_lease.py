@@ -8,33 +8,25 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from mms_core.serving.lease import active_leases, lease_dir, write_lease
-from mms_core.serving.online.server import hold_serving_lease
-
-
-class _Router:
-    """Stands in for the app's Router: only the served versions (its ``pools`` keys) matter here."""
-
-    def __init__(self, versions: list[str]) -> None:
-        self.pools = dict.fromkeys(versions)
+from mms_core.serving.lease import active_leases, held_lease, lease_dir, write_lease
 
 
 def test_app_holds_a_lease_while_it_runs_and_releases_it(tmp_path):
-    loaded: list[str] = []
+    served = ["3"]
+    loaded: list[list[str]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded.extend(lease.versions for lease in active_leases(home=tmp_path))  # claimed before loading
-        app.state.router = _Router(["3", "4"])  # a rollout added v4 beside v3
-        yield
+        async with held_lease(home=tmp_path, model="m", versions=lambda: list(served), ttl_s=0.2):
+            loaded.extend(lease.versions for lease in active_leases(home=tmp_path))  # claimed first
+            served.append("4")  # a rollout added v4 beside v3
+            yield
 
-    app = FastAPI(lifespan=lifespan)
-    hold_serving_lease(app, home=tmp_path, name="m", version="3", ttl_s=0.2)
-    with TestClient(app):
+    with TestClient(FastAPI(lifespan=lifespan)):
         assert loaded == [["3"]]
         deadline = time.monotonic() + 5
         while [lease.versions for lease in active_leases(home=tmp_path)] != [["3", "4"]]:
-            assert time.monotonic() < deadline, "lease not refreshed with the router's versions"
+            assert time.monotonic() < deadline, "lease not refreshed with the served versions"
             time.sleep(0.02)
         assert active_leases(home=tmp_path)[0].model == "m"
     assert active_leases(home=tmp_path) == [] and list(lease_dir(tmp_path).glob("*.json")) == []
