@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from mms_core.serving.online.metrics import ServingMetrics
 from mms_core.serving.online.replica import Replica
 
 log = logging.getLogger("mms.serving")
+SUSPECT_S = 60.0
+LOAD_TIMEOUT_S = 120.0  # a replacement that does not load in this long is tried elsewhere
 
 
 @dataclass(eq=False)
@@ -50,6 +53,7 @@ class ReplicaState:
         return {
             "id": self.id,
             "version": self.version,
+            "worker": self.address,
             "healthy": self.healthy,
             "queued": len(self.batcher.queue),
             "inflight": self.batcher.inflight_requests,
@@ -70,6 +74,7 @@ class ReplicaSet:
         self.client = client  # asynchronous=True, on the server's event loop
         self.name, self.config, self.metrics = name, config, metrics
         self._on_lost = on_lost
+        self._suspect: dict[str, float] = {}  # worker address -> until when new replicas avoid it
 
     async def spawn(
         self, *, version: str, package: PackageConfig, weights: bytes, worker: str
@@ -117,9 +122,13 @@ class ReplicaSet:
         for r in running:
             if r.address in used:
                 used[r.address] += 1
+        now = time.monotonic()
+        # A worker that just lost a replica may be hung rather than gone: a replacement there could
+        # hang too. Avoid it for a while, unless it is the only one.
+        suspect = {w: self._suspect.get(w, 0.0) > now for w in workers}
         chosen = []
         for _ in range(n):
-            worker = min(workers, key=lambda w: (used[w], random.random()))
+            worker = min(workers, key=lambda w: (suspect[w], used[w], random.random()))
             used[worker] += 1
             chosen.append(worker)
         return chosen
@@ -129,6 +138,8 @@ class ReplicaSet:
         pending = list(items)
         if r.healthy:
             log.warning("replica %s taken out: %s", r.id, why)
+            if r.address:
+                self._suspect[r.address] = time.monotonic() + SUSPECT_S
             self.metrics.replica_failures.labels(version=r.version).inc()
             pending += r.batcher.take_all()
             self.release(r)

@@ -26,7 +26,7 @@ from mms_core.serving.online.config import ServeConfig
 from mms_core.serving.online.errors import DeadlineExceeded, Overloaded
 from mms_core.serving.online.metrics import ServingMetrics
 from mms_core.serving.online.pools import Pools, VersionPool
-from mms_core.serving.online.replicas import ReplicaSet, ReplicaState
+from mms_core.serving.online.replicas import LOAD_TIMEOUT_S, ReplicaSet, ReplicaState
 from mms_core.serving.payload import PayloadError
 
 log = logging.getLogger("mms.serving")
@@ -150,7 +150,7 @@ class Router:
         for attempt in range(5):
             try:
                 worker = (await self.replicas.placement(1, running=self._all_replicas()))[0]
-                state = await self._spawn(pool, worker)
+                state = await asyncio.wait_for(self._spawn(pool, worker), LOAD_TIMEOUT_S)
             except Exception as exc:
                 log.warning("replacement replica for v%s failed (%s); retrying", pool.version, exc)
                 await asyncio.sleep(2**attempt)

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from mms_core import registry
 from mms_core.serving.metering import KeyStore, UsageMeter, metering_path
@@ -55,6 +56,11 @@ def build_server(
         home=home,
     )
     logging.getLogger("mms.serving").setLevel(logging.INFO)
+    return draining_server(app, config=config)
+
+
+def draining_server(app: FastAPI, *, config: ServeConfig) -> DrainingServer:
+    """uvicorn for an app made by ``create_app``, stopping within ``config.drain_s`` of a signal."""
     uv = uvicorn.Config(
         app,
         host=config.host,
