@@ -36,6 +36,22 @@ def dask_client(settings: Settings) -> Iterator[Client]:
         yield client
 
 
+@contextlib.contextmanager
+def dask_scheduler(settings: Settings) -> Iterator[str]:
+    """Yield the scheduler's address, with no client of our own: for a process whose Dask client is
+    someone else's (the online server's runtime opens its own asynchronous one). A LocalCluster
+    created here is closed on exit."""
+    if settings.dask_address:
+        yield settings.dask_address
+        return
+    with (
+        dask.config.set(dotted(WORKER_DASK_CONFIG)),
+        _without_env(WORKER_UNSET_ENV),
+        _local_cluster(settings) as cluster,
+    ):
+        yield cluster.scheduler_address
+
+
 def _local_cluster(settings: Settings) -> LocalCluster:
     # This process hosts the LocalCluster's scheduler and nannies, which log every start, worker
     # registration and close at INFO. silence_logs only re-levels handlers on the "distributed"

@@ -36,16 +36,16 @@ def serve(
     except ValidationError as exc:
         console.print(f"[red]error:[/red] {exc.errors()[0]['msg']}")
         raise typer.Exit(2) from None
-    from infra.cluster import dask_client
+    from infra.cluster import dask_scheduler
     from mms_core.config import Settings
     from mms_core.serving.online.server import build_server, serve_forever
 
     settings = Settings()  # after the stack may have set MMS_* variables
-    with dask_client(settings) as client:
+    with dask_scheduler(settings) as address:  # the server's runtime opens the one Dask client
         try:
             server = build_server(
                 config=config, model=model, tracking_uri=settings.tracking_uri,
-                scheduler_address=client.scheduler.address, home=settings.home,
+                scheduler_address=address, home=settings.home,
             )  # fmt: skip
         except MMSError as exc:
             console.print(f"[red]error:[/red] {exc}")
