@@ -127,7 +127,7 @@ def vs_mlflow(lines: list[dict]) -> list[str]:
                 f"`mlflow models serve -w {m['mlflow'].rsplit('w', 1)[-1]}`",
                 _level(m.get("ours_at_slo")),
                 _level(m.get("mlflow_at_slo")),
-                f"**{num(m.get('ratio_at_slo'), 1)}x**",
+                f"**{num(m['ratio_at_slo'], 1)}x**" if m.get("ratio_at_slo") is not None else "-",
                 f"{num(m['ratio_peak_rps'], 1)}x",
                 ", ".join(f"{c}: {r:g}x" for c, r in by.items()),
                 f">= {m['goal']:g}x: {verdict(m['meets_goal'])}",
@@ -147,15 +147,81 @@ def vs_mlflow(lines: list[dict]) -> list[str]:
     )
 
 
+def _counts(counts: dict[str, int]) -> str:
+    """{"422": 30, "timeout": 2} as '422 x 30, timeout x 2'; '-' when empty."""
+    return ", ".join(f"{k} x {v}" for k, v in counts.items()) or "-"
+
+
+def _ratio(m: dict, key: str) -> str:
+    """'0.97x (0.93-1.01)': the median of the per-pair ratios and their range, and how many pairs
+    gave one when some did not (a window that failed, or had no good answer)."""
+    value, span, n = m[key], m[f"{key}_range"], len(m[f"{key}s"])
+    if value is None:
+        return "-"
+    text = f"{value:.2f}x" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span and n > 1 else "")
+    return text + (f", {n} of {m['pairs']} pairs" if n < m["pairs"] else "")
+
+
+def mixed_traffic(lines: list[dict], command: str) -> list[str]:
+    """Good requests' rps and p99 with 5% malformed requests mixed in, against clean traffic."""
+    m = next((x for x in lines if x.get("summary") == "mixed_traffic"), None)
+    if m is None:
+        return ["Mixed traffic (5% malformed requests): not measured in this run (its data predates it)."]
+    clean, mixed, goals = m["clean"], m["mixed"], m["goals"]
+    share = f"{m['bad_fraction']:.0%}"
+    failures = m["good_failures"] | {f"malformed {k}": v for k, v in m["bad_failures"].items()}
+    row = (
+        f"{m['concurrency']} clients, {share} malformed",
+        f"{m['pairs']} x {num(m.get('duration_s'), 1)} s",
+        f"{num(clean['rps'])} / {num(clean['p99_ms'], 1)}",
+        f"{num(mixed['rps'])} / {num(mixed['p99_ms'], 1)}",
+        f"**{_ratio(m, 'rps_ratio')}**",
+        f"**{_ratio(m, 'p99_ratio')}**",
+        f"{num(m['bad_requests'])}: {_counts(m['bad_statuses'])}",
+        f"{m['server_errors']} / {_counts(failures)}",
+        verdict(m["meets_goal"]),
+    )
+    out = table(
+        [
+            "ours, digits MLP, batching 64",
+            "pairs x window",
+            "clean: good rps / p99 ms",
+            f"{share} malformed: good rps / p99 ms",
+            "good rps mixed / clean (median, range)",
+            "good p99 mixed / clean (median, range)",
+            "malformed requests: answers",
+            "5xx / failures",
+            f"goal: >= {goals['rps_ratio']:g}x, <= {goals['p99_ratio']:g}x, no 5xx, no failures",
+        ],
+        [row],
+    )
+    kinds = "; ".join(f"{kind}: {_counts(c)}" for kind, c in m["bad_by_kind"].items())
+    out += [
+        "",
+        f"`{command}`, {m.get('machine', 'machine not recorded')}, {m.get('date', '?')}: clean and mixed "
+        "windows alternate in pairs (AB, BA, ...); ratios are per pair, the median with the range. "
+        "A good request counts only if it got 200 with the model's in-process prediction; failures are "
+        "good requests answered otherwise (or not at all), and malformed ones that got a 5xx, timed out "
+        f"or lost their connection. Malformed answers by kind: {kinds or '-'}.",
+    ]
+    if m.get("failed_windows"):
+        out += ["", "Windows that failed: " + "; ".join(m["failed_windows"]) + "."]
+    return out
+
+
 def serving(ctx: Context) -> list[str]:
-    """Added latency, requests/s per core, batching gain and /invocations vs MLflow."""
+    """Added latency, requests/s per core, batching gain, /invocations vs MLflow, mixed traffic."""
     lines = ctx.lines("serving")
     env = next((x for x in lines if x.get("measure") == "env"), {})
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
     out = [f"Versions: {versions}." if versions else "", ""]
+    mixed = ["Mixed traffic: good requests with malformed ones among them, against clean traffic:", ""]
+    mixed += mixed_traffic(lines, ctx.command("serving"))
+    if not any(x.get("measure") == "direct" for x in lines):  # `--mixed-only`: that table alone
+        return [*out, "Only the mixed-traffic measurement is in this data (`--mixed-only`).", "", *mixed]
     out += added_latency(lines) + [""] + per_core(lines)
     out += ["", "Dynamic batching gain at equal p99 (highest rps among the load levels within the SLO):", ""]
     out += batching(lines)
     out += ["", "Our `/invocations` vs `mlflow models serve`, same model, load generator and body:", ""]
     out += vs_mlflow(lines)
-    return out
+    return [*out, "", *mixed]

@@ -1,7 +1,7 @@
 """Online serving (issue 3): added latency, requests/s per core, dynamic batching gain, and our
 ``/invocations`` against ``mlflow models serve``, all measured in one run.
 
-    python -m bench.serving [--quick] [--plot-only]
+    python -m bench.serving [--quick] [--plot-only] [--mixed-only [--mixed-pairs N --mixed-duration S]]
 
 Each server is its own process on a temporary MMS_HOME whose SQLite MLflow store holds the
 registered models: ours is what ``mms serve --model NAME@champion`` runs (LocalCluster of 2
@@ -16,6 +16,16 @@ gain, MLflow's server (same model, same load, same ``dataframe_split`` body) for
 the highest requests/s among the levels whose p99 stays within it (and that answered only 200s).
 The batching gain is the ratio of the two figures under the same SLO: p99 <= 50 ms (headline),
 also 25, 100 and 200 ms.
+
+Mixed traffic: on our server (digits MLP, batching 64, after its sweeps), at 16 clients, clean
+load alternates with load of which 5% are malformed requests (``bench._loadgen.KINDS``: rows of
+lists, wrong width, strings, NaN tokens, deep nesting, a 5000-digit integer, bad UTF-8, not JSON,
+text/plain, empty). Each pair is one clean and one mixed window, in the order AB, BA, AB, ... (the
+box's speed drifts); the figures are the medians of the per-pair ratios mixed/clean of the good
+requests' rps and p99 (goals >= 0.9 and <= 1.5), with their range. A good request counts only if
+it got 200 with the prediction the model gives in this process; the malformed ones' answers are
+counted by status (4xx expected; 5xx, timeouts and dropped connections fail the goal).
+``--mixed-only`` runs just this (and prints, as always, to stdout only).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._loadgen import KINDS
+
 HERE = Path(__file__).parent
 DATA = HERE / "data" / "serving.jsonl"
 PNG = HERE / "serving.png"
@@ -47,6 +59,8 @@ TINY = "digits-classifier"  # the serving tests' digits MLP (64 -> 128 -> 64 -> 
 HEAVY = "digits-mlp-3x2048"  # 64 -> 3 x 2048 -> 10, random weights: ~1.8 ms per row on 1 thread
 SLO_MS = (25, 50, 100, 200)
 HEADLINE_SLO_MS = 50
+MIXED_CLIENTS, BAD_FRACTION, REQUEST_TIMEOUT_S = 16, 0.05, 5.0
+MIXED_GOALS = {"rps_ratio": 0.9, "p99_ratio": 1.5, "server_errors": 0}
 
 
 def emit(**fields: object) -> dict:
@@ -128,6 +142,15 @@ def direct_latency(*, tracking_uri: str, name: str, row: np.ndarray, seconds: fl
     torch.set_num_threads(threads)
     p50, p99 = np.percentile(np.asarray(times) * 1e3, [50, 99])
     return {"model": name, "calls": len(times), "p50_ms": round(p50, 4), "p99_ms": round(p99, 4)}
+
+
+def expected_predictions(*, tracking_uri: str, name: str, row: np.ndarray) -> list:
+    """What a good request for ``row`` must get back: the registered model's prediction in-process."""
+    from mms_core import registry
+    from mms_core.packaging import Predictor
+
+    config, weights, _ = registry.load_package(tracking_uri=tracking_uri, model=f"{name}@champion")
+    return Predictor(config=config, weights=weights).predict_array(row[None, :]).tolist()
 
 
 # ---- servers (child processes) ---------------------------------------------------------------
@@ -267,13 +290,44 @@ class Bench:
              "--prime-concurrency", str(max(levels))],
             ["--concurrency", ",".join(map(str, levels[1:])), "--duration", str(a.duration)],
         ]  # fmt: skip
+        limit = a.prime + (a.warmup + max(a.duration, a.seq_duration)) * len(levels) + 120
         for extra in runs[: 1 + (len(levels) > 1)]:
-            done = subprocess.run(
-                [*argv, *extra], cwd=HERE.parent, capture_output=True, text=True, check=True
+            done = subprocess.run(  # the time limit: a stuck server fails the run, never hangs it
+                [*argv, *extra], cwd=HERE.parent, capture_output=True, text=True, check=True, timeout=limit
             )
             for line in done.stdout.splitlines():
                 self.out(measure="load", server=server, model=model, max_batch_size=max_batch_size,
                          endpoint=endpoint, payload=payload, **json.loads(line))  # fmt: skip
+
+    def mixed(self, port_pid: tuple[int, int], *, expect: list) -> None:
+        """Clean and mixed (``BAD_FRACTION`` malformed) windows in alternating pairs, one load
+        generator per window; a window that fails or overruns is recorded as such, not raised."""
+        port, pid = port_pid
+        a = self.args
+        argv = [sys.executable, "-m", "bench._loadgen", "--port", str(port), "--path",
+                f"/v1/models/{TINY}/predict", "--body", str(self.bodies["inputs"]), "--watch-pid",
+                str(pid), "--concurrency", str(MIXED_CLIENTS), "--duration", str(a.mixed_duration),
+                "--warmup", str(a.warmup), "--expect", json.dumps(expect), "--timeout",
+                str(REQUEST_TIMEOUT_S)]  # fmt: skip
+        for pair in range(a.mixed_pairs):
+            order = ("clean", "mixed") if pair % 2 == 0 else ("mixed", "clean")
+            for condition in order:
+                fraction = BAD_FRACTION if condition == "mixed" else 0.0
+                cmd = [*argv, "--bad-fraction", str(fraction), "--seed", str(pair)]
+                fields = {"measure": "mixed_load", "server": "mms", "model": TINY, "max_batch_size": 64,
+                          "endpoint": "predict", "payload": "inputs", "pair": pair, "condition": condition,
+                          "duration_s": a.mixed_duration}  # fmt: skip
+                limit = a.warmup + a.mixed_duration + 2 * REQUEST_TIMEOUT_S + 60
+                try:
+                    done = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=limit)
+                except subprocess.TimeoutExpired:
+                    self.out(**fields, error=f"load generator still running after {limit:.0f} s: killed")
+                    continue
+                lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+                if done.returncode != 0 or not lines:
+                    self.out(**fields, error=f"load generator exit {done.returncode}: {done.stderr[-500:]}")
+                    continue
+                self.out(**fields, **lines[0])
 
 
 def measure(bench: Bench) -> list[dict]:
@@ -295,6 +349,8 @@ def measure(bench: Bench) -> list[dict]:
                 )
                 if model == TINY and mbs == 64:
                     bench.sweep(srv, server="mms", max_batch_size=mbs, endpoint="invocations", levels=a.short)
+                    # last on this server: malformed requests must not touch the figures above
+                    bench.mixed(srv, expect=expected_predictions(tracking_uri=uri, name=TINY, row=row))
     for workers in a.mlflow_workers:
         with bench.server("mlflow", workers=workers, name=f"mlflow-w{workers}") as srv:
             bench.sweep(
@@ -306,6 +362,19 @@ def measure(bench: Bench) -> list[dict]:
         with bench.server("shipped", max_batch_size=64, name="mms serve (CLI)") as srv:
             bench.sweep(srv, server="mms serve (CLI)", max_batch_size=64, endpoint="predict", levels=[1, 16])
     return bench.lines + summarize(bench.lines)
+
+
+def measure_mixed(bench: Bench) -> list[dict]:
+    """``--mixed-only``: the models, our server (digits MLP, batching 64) and the mixed pairs."""
+    from sklearn.datasets import load_digits
+
+    uri = register_models(home=bench.home)
+    row = load_digits().data[0].astype(np.float32)
+    bench.write_bodies(row)
+    with bench.server("mms", model=TINY, max_batch_size=64, name="mms") as srv:
+        bench.sweep(srv, server="mms", max_batch_size=64, endpoint="predict", levels=[1, MIXED_CLIENTS])
+        bench.mixed(srv, expect=expected_predictions(tracking_uri=uri, name=TINY, row=row))
+    return bench.lines + mixed_summary(bench.lines)
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -372,7 +441,92 @@ def summarize(lines: list[dict]) -> list[dict]:
             ratio_by_concurrency=by_level,
             goal=3.0, meets_goal=o["rps"] / t["rps"] >= 3.0,
         ))  # fmt: skip
-    return out
+    return out + mixed_summary(lines)
+
+
+def _median(xs: list[float]) -> float | None:
+    return round(float(np.median(xs)), 3) if xs else None
+
+
+def _sum_counts(dicts: list[dict]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def mixed_summary(lines: list[dict]) -> list[dict]:
+    """The mixed-traffic figures from the ``mixed_load`` lines (none if there are none): per pair
+    the ratios mixed/clean of the good requests' rps and p99, their medians and ranges; the
+    malformed requests' answers; the failures (5xx, timeouts, dropped connections, wrong or non-200
+    answers to good requests) in either condition. Requests still in flight when a window closed
+    (``after_window``) are left out of rps and p99 but not out of the answers and failures."""
+    runs = [x for x in lines if x.get("measure") == "mixed_load"]
+    if not runs:
+        return []
+    pairs: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        pairs.setdefault(r["pair"], {})[r["condition"]] = r
+    rps_ratios, p99_ratios = [], []
+    for p in pairs.values():
+        c, m = p.get("clean"), p.get("mixed")
+        if not c or not m or "error" in c or "error" in m:
+            continue
+        if c["rps"] > 0:
+            rps_ratios.append(round(m["rps"] / c["rps"], 3))
+        if c["p99_ms"] > 0 and np.isfinite(m["p99_ms"]):  # NaN p99: no good answer in the window
+            p99_ratios.append(round(m["p99_ms"] / c["p99_ms"], 3))
+    ok = [r for r in runs if "error" not in r]
+    by_cond = {cond: [r for r in ok if r["condition"] == cond] for cond in ("clean", "mixed")}
+    bad = [r["bad"] for r in by_cond["mixed"] if "bad" in r]
+    bad_statuses = _sum_counts([b["statuses"] for b in bad])
+    by_kind: dict[str, dict[str, int]] = {}
+    for b in bad:
+        for kind, counts in b["by_kind"].items():
+            by_kind[kind] = _sum_counts([by_kind.get(kind, {}), counts])
+    late = [r.get("after_window", {}) for r in ok]  # requests still in flight when a window closed
+    good_failures = _sum_counts(
+        [r["non_200"] for r in ok]
+        + [{"wrong": r["wrong"]} for r in ok if r.get("wrong")]
+        + [{k: v for k, v in x.get("good", {}).items() if k != "ok"} for x in late]
+    )
+    for x in late:
+        for kind, counts in x.items():
+            if kind != "good":
+                by_kind[kind] = _sum_counts([by_kind.get(kind, {}), counts])
+                bad_statuses = _sum_counts([bad_statuses, counts])
+    by_kind = {k: by_kind[k] for k in KINDS if k in by_kind}
+    server_errors = sum(v for k, v in _sum_counts([good_failures, bad_statuses]).items() if k[:1] == "5")
+    bad_failures = {k: v for k, v in bad_statuses.items() if k.startswith("5") or not k[:1].isdigit()}
+    rps_ratio, p99_ratio = _median(rps_ratios), _median(p99_ratios)
+    complete = len(rps_ratios) == len(pairs) and len(p99_ratios) == len(pairs) and len(ok) == len(runs)
+    meets = (
+        complete and rps_ratio >= MIXED_GOALS["rps_ratio"] and p99_ratio <= MIXED_GOALS["p99_ratio"]
+        and server_errors == 0 and not good_failures and not bad_failures
+    )  # fmt: skip
+
+    def cond(name: str) -> dict:
+        """Medians over the condition's windows (a window without good answers has NaN latencies)."""
+        rs = by_cond[name]
+        med = {k: _median([r[k] for r in rs if np.isfinite(r[k])]) for k in ("rps", "p50_ms", "p99_ms")}
+        return med | {"windows": len(rs)}
+
+    failed = [f"pair {r['pair']} {r['condition']}: {r['error'][:200]}" for r in runs if "error" in r]
+    spread = {  # min and max of the per-pair ratios
+        "rps_ratio_range": [min(rps_ratios), max(rps_ratios)] if rps_ratios else None,
+        "p99_ratio_range": [min(p99_ratios), max(p99_ratios)] if p99_ratios else None,
+    }
+
+    return [emit(
+        summary="mixed_traffic", server="mms", model=TINY, endpoint="predict", concurrency=MIXED_CLIENTS,
+        bad_fraction=BAD_FRACTION, pairs=len(pairs), duration_s=runs[0].get("duration_s"),
+        clean=cond("clean"), mixed=cond("mixed"), rps_ratio=rps_ratio, p99_ratio=p99_ratio, **spread,
+        rps_ratios=rps_ratios, p99_ratios=p99_ratios,
+        bad_requests=sum(bad_statuses.values()), bad_statuses=bad_statuses, bad_by_kind=by_kind,
+        bad_failures=bad_failures, good_failures=good_failures, server_errors=server_errors,
+        failed_windows=failed, goals=MIXED_GOALS, meets_goal=bool(meets),
+    )]  # fmt: skip
 
 
 def plot(lines: list[dict]) -> Path:
@@ -426,7 +580,7 @@ def plot(lines: list[dict]) -> Path:
     return PNG
 
 
-def _env_line(quick: bool) -> dict:
+def _env_line(args: argparse.Namespace) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
@@ -435,7 +589,9 @@ def _env_line(quick: bool) -> dict:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
-    command = "python -m bench.serving" + (" --quick" if quick else "")
+    command = "python -m bench.serving" + (" --quick" if args.quick else "")
+    if args.mixed_only:
+        command += f" --mixed-only --mixed-pairs {args.mixed_pairs} --mixed-duration {args.mixed_duration:g}"
     return {"measure": "env", "command": command, "platform": platform.platform(), "versions": found}
 
 
@@ -445,6 +601,11 @@ def main() -> None:
         "--quick", action="store_true", help="smoke run (~1.5 min): short windows, fewer levels"
     )
     parser.add_argument("--plot-only", action="store_true", help=f"redraw {PNG.name} from {DATA.name}")
+    parser.add_argument(
+        "--mixed-only", action="store_true", help="only the mixed-traffic pairs (clean vs 5%% malformed)"
+    )
+    parser.add_argument("--mixed-pairs", type=int, help="clean/mixed pairs (default: 5; --quick: 3)")
+    parser.add_argument("--mixed-duration", type=float, help="seconds per window (default: 2; --quick: 1)")
     parser.add_argument("--serve", metavar="MODEL", help=argparse.SUPPRESS)  # child process: our server
     parser.add_argument("--serve-inprocess", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -460,10 +621,12 @@ def main() -> None:
     args.levels, args.short = ([1, 8, 32], [1, 16]) if q else ([1, 2, 4, 8, 16, 32, 64], [1, 4, 16, 64])
     args.duration, args.warmup, args.seq_duration, args.prime = (1, 0.3, 1.5, 0.5) if q else (2, 0.5, 4, 1.5)
     args.mlflow_workers, args.shipped = ([1], False) if q else ([1, 2], True)
-    env = emit(**_env_line(q))
+    args.mixed_pairs = args.mixed_pairs or (3 if q else 5)
+    args.mixed_duration = args.mixed_duration or (1.0 if q else 2.0)
+    env = emit(**_env_line(args))
     with tempfile.TemporaryDirectory(prefix="mms-bench-serving-") as tmp:
-        lines = measure(Bench(args=args, tmp=Path(tmp)))
-    if not q:
+        lines = (measure_mixed if args.mixed_only else measure)(Bench(args=args, tmp=Path(tmp)))
+    if not q and not args.mixed_only:
         plot([env, *lines])
 
 
