@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -62,6 +63,29 @@ class Settings(BaseSettings):
             " of it, so the next one attaches instead of starting it again; 0 stops it with that command."
         ),
     )
+    trusted_model_modules: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Comma-separated modules (or package prefixes: 'mypkg' allows 'mypkg.models') whose"
+            " 'module:build_fn' model builders a registered package may name; the zoo's mlp, cnn and"
+            " gpt are always allowed. Read by every process that loads a package (server, Dask"
+            " workers), so set it there: a package naming any other module fails to load."
+        ),
+    )
+
+    @field_validator("trusted_model_modules", mode="before")
+    @classmethod
+    def _module_list(cls, v: object) -> object:
+        # An environment variable arrives as one string: "mypkg, other.models".
+        if isinstance(v, str):
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        for name in v if isinstance(v, list | tuple) else ():
+            if not all(part.isidentifier() for part in str(name).split(".")):
+                raise ValueError(
+                    f"MMS_TRUSTED_MODEL_MODULES entry {name!r} is not a module name: list modules or"
+                    " package prefixes (e.g. 'mypkg,other.models'), not 'module:function' paths"
+                )
+        return v
 
     @field_validator("home")
     @classmethod

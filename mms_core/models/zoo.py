@@ -1,5 +1,9 @@
 """Built-in models and loading a user's ``pkg.module:build_fn``.
 
+A run's own spec may name any module (it is the user's code, in the user's run). A registered
+package is loaded on servers and workers shared by everyone, so loading one imports only the zoo
+and the modules the operator lists in ``MMS_TRUSTED_MODEL_MODULES`` (``trusted=`` below).
+
 Every builder takes ``in_features`` and ``n_classes`` (from the data manifest) plus its own
 keyword arguments, and returns an ``nn.Module`` mapping (batch, in_features) -> logits.
 
@@ -11,14 +15,18 @@ per position with the class dimension second (see models/gpt.py).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from mms_core.config import Settings
 from mms_core.errors import ModelLoadError
 from mms_core.models.gpt import gpt
 
@@ -79,10 +87,74 @@ def cnn(*, in_features: int, n_classes: int, channels: int = 16, hidden: int = 6
 
 
 ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
+TRUSTED_ENV = "MMS_TRUSTED_MODEL_MODULES"
+
+# Modules a block of code trusts on top of the operator's list, for package loads it cannot pass
+# ``trusted=`` to (MLflow loading the pyfunc back while the training run registers it).
+_SCOPE_TRUSTED: ContextVar[tuple[str, ...]] = ContextVar("mms_scope_trusted_modules", default=())
 
 
-def resolve_builder(name: str) -> Callable[..., nn.Module]:
-    """Return the builder for a zoo name or a ``pkg.module:build_fn`` path."""
+def trusted_modules() -> tuple[str, ...]:
+    """The modules this process may import to load a package: ``MMS_TRUSTED_MODEL_MODULES``.
+
+    Read from the environment of the process that builds the model, at each load, never from the
+    package or the caller's request: the list is the operator's decision, so it is set where the
+    operator starts servers and workers. Packages are built on Dask workers (online replicas, the
+    batch and stream predictor caches): a LocalCluster's workers inherit the environment of the
+    process that started them, and on a cluster the variable must be set on every worker. Plus the
+    modules of any enclosing :func:`trusting` block.
+
+    Raises:
+        ModelLoadError: the setting (or another MMS_* setting) is malformed.
+    """
+    try:
+        listed = Settings().trusted_model_modules
+    except ValidationError as exc:
+        raise ModelLoadError(
+            f"cannot decide which model modules are trusted: invalid MMS_* setting: {exc}"
+        ) from exc
+    return listed + _SCOPE_TRUSTED.get()
+
+
+@contextmanager
+def trusting(*, modules: Collection[str]) -> Iterator[None]:
+    """Trust ``modules`` for package loads in this block (this thread or task only).
+
+    For a training run registering its own model: MLflow loads the logged pyfunc back to check
+    its input example, through a path that cannot take ``trusted=``. The run's own code is not
+    the registry's to refuse; this never reaches Dask workers or other requests.
+
+    Args:
+        modules: module names (or package prefixes) to trust on top of the operator's list.
+    """
+    token = _SCOPE_TRUSTED.set(_SCOPE_TRUSTED.get() + tuple(modules))
+    try:
+        yield
+    finally:
+        _SCOPE_TRUSTED.reset(token)
+
+
+def builder_module(name: str) -> str | None:
+    """The module a ``pkg.module:build_fn`` model path imports; None for a zoo name."""
+    return None if name in ZOO else name.partition(":")[0]
+
+
+def is_trusted(module: str, *, trusted: Collection[str]) -> bool:
+    """Whether ``module`` is listed in ``trusted`` or lies under a listed package prefix."""
+    return any(module == t or module.startswith(f"{t}.") for t in trusted)
+
+
+def resolve_builder(name: str, *, trusted: Collection[str] | None = None) -> Callable[..., nn.Module]:
+    """Return the builder for a zoo name or a ``pkg.module:build_fn`` path.
+
+    Args:
+        name: a zoo name (``mlp``, ``cnn``, ``gpt``) or ``pkg.module:build_fn``.
+        trusted: None: any module (a run building its own model). Otherwise the modules (or
+            package prefixes) a loaded package may name; anything else is refused before import.
+
+    Raises:
+        ModelLoadError: unknown name, untrusted or missing module, no such callable.
+    """
     if name in ZOO:
         return ZOO[name]
     if ":" not in name:
@@ -90,6 +162,11 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     module_name, _, attr = name.partition(":")
     if not module_name or module_name.startswith(".") or not attr:
         raise ModelLoadError(f"model path {name!r} must be an absolute 'pkg.module:build_fn'")
+    if trusted is not None and not is_trusted(module_name, trusted=trusted):
+        raise ModelLoadError(
+            f"model builder {name!r} is not trusted: add {module_name!r} to {TRUSTED_ENV} on the servers "
+            f"and workers that load it (only the zoo's {sorted(ZOO)} load without it)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -105,12 +182,62 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def build_model(*, spec: ModelSpec, in_features: int, n_classes: int) -> nn.Module:
-    """Build the model described by ``spec`` for the given input width and class count."""
-    builder = resolve_builder(spec.name)
+def check_arguments(*, name: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    """Refuse arguments the builder's signature cannot take, naming them, before calling it.
+
+    Raises:
+        ModelLoadError: unknown or missing arguments.
+    """
+    try:
+        sig = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return  # no introspectable signature (a C callable): the call itself reports
+    try:
+        sig.bind(**kwargs)
+    except TypeError as exc:
+        params = sig.parameters.values()
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+        unknown = [] if open_ended else sorted(set(kwargs) - named)
+        missing = sorted(
+            p.name
+            for p in params
+            if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in kwargs
+        )
+        problems = [
+            f"{what} {names}" for what, names in (("unknown", unknown), ("missing", missing)) if names
+        ]
+        own = sorted(set(kwargs) - {"in_features", "n_classes"})
+        raise ModelLoadError(
+            f"model {name!r} rejected its arguments {own}: {', '.join(problems) or exc}; "
+            f"it accepts {sorted(named - {'in_features', 'n_classes'})}: fix the model's kwargs"
+        ) from None
+
+
+def build_model(
+    *, spec: ModelSpec, in_features: int, n_classes: int, trusted: Collection[str] | None = None
+) -> nn.Module:
+    """Build the model described by ``spec`` for the given input width and class count.
+
+    Args:
+        spec: the zoo name or import path, and the builder's keyword arguments.
+        in_features: input width (from the data manifest).
+        n_classes: output classes (from the data manifest).
+        trusted: see :func:`resolve_builder`; None (training: the run's own model) imports any module.
+
+    Raises:
+        ModelLoadError: the builder cannot be resolved, trusted, called with these arguments, or
+            returns something other than an ``nn.Module``.
+    """
+    builder = resolve_builder(spec.name, trusted=trusted)
     kwargs = dict(spec.kwargs)
     if "hidden" in kwargs and isinstance(kwargs["hidden"], list):
         kwargs["hidden"] = tuple(kwargs["hidden"])
+    check_arguments(
+        name=spec.name, builder=builder, kwargs={"in_features": in_features, "n_classes": n_classes, **kwargs}
+    )
     try:
         model = builder(in_features=in_features, n_classes=n_classes, **kwargs)
     except ModelLoadError:

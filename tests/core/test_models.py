@@ -140,3 +140,20 @@ def test_malformed_import_path_is_a_model_load_error(name):
 def test_model_spec_forbids_unknown_fields():
     with pytest.raises(ValueError, match="kwarg"):
         ModelSpec(name="mlp", kwarg={})
+
+
+def test_trusted_list_refuses_unlisted_modules_before_importing_them(user_module):
+    with pytest.raises(ModelLoadError, match="MMS_TRUSTED_MODEL_MODULES"):
+        resolve_builder(f"{user_module}:build", trusted=["some_other_pkg"])
+    assert user_module not in __import__("sys").modules
+    assert resolve_builder(f"{user_module}:build", trusted=[user_module]).__module__ == user_module
+    assert resolve_builder("mlp", trusted=()) is ZOO["mlp"]
+
+
+def test_kwargs_are_bound_to_the_signature_before_the_call(user_module):
+    with pytest.raises(ModelLoadError) as info:
+        build_model(
+            spec=ModelSpec(name=f"{user_module}:build", kwargs={"widht": 3}), in_features=4, n_classes=2
+        )
+    msg = str(info.value)
+    assert "unknown ['widht']" in msg and "missing" not in msg and "accepts ['width']" in msg
