@@ -26,8 +26,8 @@ from flows.retention import retention
 from flows.serving_rollout import serving_rollout
 from flows.training_pipeline import training_pipeline
 from flows.tuning import tuning
-from mms_core.errors import MMSError
-from mms_core.spec import load_spec
+from mms_core.errors import MMSError, SpecError
+from mms_core.spec import PipelineSpec, load_spec
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -60,10 +60,11 @@ def deployments(*, spec_path: Path | None = None, cron: str = "0 2 * * *") -> li
         its stream statistics; no retraining until fresh_data_uri is set), the others unscheduled.
 
     Raises:
-        SpecError: The spec file is unreadable or invalid.
+        SpecError: The spec file is unreadable or invalid, or carries credentials (a deployment
+            stores its parameters with secrets masked).
     """
     path = spec_path if spec_path is not None else (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None)
-    spec = load_spec(path)
+    spec = _without_secrets(load_spec(path), path=path)
     # A module path, not a file path relative to the serving process's cwd: the flow runs in a
     # subprocess that imports it, and `flows` is an installed package.
     common = dict(tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH)
@@ -130,7 +131,25 @@ def _tuning_parameters() -> dict:
     from mms_core.tuning.space import load_tuning
 
     spec, tune = load_tuning(TUNE_SPEC)
+    spec = _without_secrets(spec, path=TUNE_SPEC)
     return {"spec": spec.model_dump(mode="json"), "tune": tune.model_dump(mode="json")}
+
+
+def _without_secrets(spec: PipelineSpec, *, path: Path | None) -> PipelineSpec:
+    """``spec``, refused if it carries a credential: the server stores a deployment's parameters,
+    where MMS writes secrets masked, so every scheduled run would get the mask, not the credential.
+
+    Raises:
+        SpecError: the spec has credentials (storage options, a password in data.source).
+    """
+    masked = spec.masked_fields()
+    if masked:
+        raise SpecError(
+            f"spec {path or '(defaults)'} carries credentials ({', '.join(masked)}), which a deployment "
+            "would store masked: remove them from the spec and give them to the process that runs the "
+            "flows (the worker's environment, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://)"
+        )
+    return spec
 
 
 def serve_deployments(

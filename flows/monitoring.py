@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from mms_core.config import Settings
 from mms_core.monitoring.check import check_request
@@ -35,7 +35,7 @@ def monitoring(
     model: str = "digits-classifier@champion",
     server_url: str | None = "http://127.0.0.1:8000",
     stream_stats: str | None = None,
-    api_key: str | None = None,
+    api_key: SecretStr | None = None,
     thresholds: DriftThresholds = DriftThresholds(),  # noqa: B008 - Prefect form default
     retrain: bool = True,
     fresh_data_uri: str | None = None,
@@ -49,7 +49,9 @@ def monitoring(
         server_url: A running `mms serve` (statistics, /metrics); None for stream statistics only.
         stream_stats: Directory the stream consumers write statistics to; default
             <storage>/monitoring/NAME/stream (where `mms stream` writes them).
-        api_key: Key for a server that requires one.
+        api_key: Key for a server that requires one. Pass a SecretStr: Prefect stores a flow run's
+            parameters as the caller gave them, and a SecretStr as "**********" (a plain string,
+            or a value typed into a deployment's form, is stored as it is).
         thresholds: PSI, KS p-value and minimum live rows; out of range fails before anything runs.
         retrain: Start a training run on drift (needs ``fresh_data_uri``).
         fresh_data_uri: Data the retraining reads (the registered run's spec with data.source replaced).

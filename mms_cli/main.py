@@ -15,6 +15,7 @@ from mms_cli.progress import PipelineProgress, summary_table
 from mms_cli.retention import retention
 from mms_cli.serving import keys_app, serve, stream, usage
 from mms_cli.tune import tune
+from mms_core.secrets import redact_text, redact_url
 
 app = typer.Typer(help="MMS: train, compress, register and serve PyTorch models.", no_args_is_help=True)
 stack_app = typer.Typer(
@@ -72,7 +73,7 @@ def run(
         ):
             result = training_pipeline(spec=pipeline_spec)
     except MMSError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {redact_text(str(exc))}")
         raise typer.Exit(1) from None
     console.print(summary_table(result=result, servers=servers))
 
@@ -94,7 +95,7 @@ def predict(
     servers = use_servers(settings)
     from flows.batch_predict import batch_predict
 
-    with console.status(f"predicting {input} with {model} on Dask..."):
+    with console.status(f"predicting {redact_url(input)} with {model} on Dask..."):
         try:
             servers.ready(settings)
             with servers.running():
@@ -106,9 +107,10 @@ def predict(
                     probabilities=probabilities,
                 )
         except MMSError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {redact_text(str(exc))}")
             raise typer.Exit(1) from None
-    console.print(f"{result.rows} rows predicted by {model} (v{result.model_version}) -> {result.output_uri}")
+    shown = redact_url(result.output_uri)
+    console.print(f"{result.rows} rows predicted by {model} (v{result.model_version}) -> {shown}")
 
 
 @app.command()
@@ -163,7 +165,7 @@ def stack_up_cmd(
     _print_stack(state)
     console.print("\n`mms run` uses it automatically; other shells can export:")
     for key, value in stack_env(state).items():
-        console.print(f"  export {key}={value}")
+        console.print(f"  export {key}={redact_url(value)}")  # the real value: the stack state file
 
 
 @stack_app.command("status")
@@ -175,7 +177,7 @@ def stack_status_cmd() -> None:
     home = settings_from_env().home
     embedded = embedded_prefect.status(home=home)
     if embedded is not None:
-        console.print(f"embedded Prefect server: pid {embedded.pid}, {embedded.api_url}")
+        console.print(f"embedded Prefect server: pid {embedded.pid}, {redact_url(embedded.api_url)}")
     state = stack_status(home=home)
     if state is None:
         console.print("no stack recorded (start one with `mms stack up`)")
@@ -202,7 +204,11 @@ def _print_stack(state) -> None:
     table = Table("component", "pid", "url", "alive", "log")
     for c in state.components:
         table.add_row(
-            c.name, str(c.pid), c.url or "", "[green]yes[/green]" if c.alive else "[red]no[/red]", str(c.log)
+            c.name,
+            str(c.pid),
+            redact_url(c.url or ""),
+            "[green]yes[/green]" if c.alive else "[red]no[/red]",
+            str(c.log),
         )
     for name, why in (state.skipped or {}).items():
         table.add_row(name, "-", "", "skipped", why)

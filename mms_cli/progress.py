@@ -18,6 +18,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mms_core.secrets import redact_url
+
 STEPS = ("ingest", "preprocess-and-shard", "start-tracking", "train", "evaluate", "compress", "register")
 
 
@@ -81,11 +83,12 @@ def summary_table(*, result: Any, servers: Any) -> Table:
             )
         )
     rows += [("MLflow run", result.run_id), ("Prefect flow run", result.flow_run_id)]
-    if result.tracking_uri.startswith("http"):
-        rows.append(("MLflow UI", f"{result.tracking_uri}/#/models/{result.model_name}"))
+    tracking = redact_url(result.tracking_uri)  # a database or server URL may hold a password
+    if tracking.startswith("http"):
+        rows.append(("MLflow UI", f"{tracking}/#/models/{result.model_name}"))
     else:
-        rows.append(("MLflow UI", f"mlflow ui --backend-store-uri {result.tracking_uri}"))
-    prefect_api = os.environ.get("PREFECT_API_URL", "")
+        rows.append(("MLflow UI", f"mlflow ui --backend-store-uri {tracking}"))
+    prefect_api = redact_url(os.environ.get("PREFECT_API_URL", ""))
     if servers.mode == "embedded":
         rows.append(("Prefect", f"embedded API {prefect_api} (no UI; `mms stack up` runs one with the UI)"))
     else:

@@ -190,7 +190,12 @@ def stream(
     sink = sink or str(settings.home / "stream" / "out")
     stats_dir = stats_dir or stream_stats_uri(storage_root=settings.storage_root, model=model)
     options = StreamOptions(batch_size=batch_size, idle_exit_s=idle_exit_s, stats_uri=stats_dir)
-    console.print(f"streaming {source} -> {sink} with {model} ({consumers} consumers; Ctrl-C stops)")
+    from mms_core.secrets import redact_text, redact_url  # a redis:// URL may carry a password
+
+    console.print(
+        f"streaming {redact_url(source)} -> {redact_url(sink)} with {model} "
+        f"({consumers} consumers; Ctrl-C stops)"
+    )
     with dask_client(settings) as client:
         try:
             result = stream_registered(
@@ -198,7 +203,7 @@ def stream(
                 consumers=consumers, options=options,
             )  # fmt: skip
         except MMSError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {redact_text(str(exc))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("stopped; unacknowledged messages stay pending for the next consumer")

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from mms_cli.common import console, settings_from_env, use_servers
 from mms_cli.progress import summary_table
+from mms_core.secrets import redact_text, redact_url
 
 
 class TuneProgress(logging.Handler):
@@ -79,8 +80,7 @@ def tune(
 
     settings = Settings()
     console.print(
-        f"[bold]mms tune[/bold] {spec}: {tune_spec.trials} trials, {len(tune_spec.params)} parameters, "
-        f"study database {settings.study_storage}  ({servers.mode} mode)"
+        study_line(spec=spec, tune=tune_spec, storage_url=settings.study_storage, mode=servers.mode)
     )
     from flows.tuning import tuning
 
@@ -89,12 +89,20 @@ def tune(
             servers.ready(settings)
             with servers.running():
                 result = tuning(spec=pipeline_spec, tune=tune_spec)
-        except MMSError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+        except MMSError as exc:  # a database error may quote its URL, password included
+            console.print(f"[red]error:[/red] {redact_text(str(exc))}")
             raise typer.Exit(1) from None
     console.print(_study_table(result))
     if result.retrained is not None:
         console.print(summary_table(result=result.retrained, servers=servers))
+
+
+def study_line(*, spec: Path, tune: Any, storage_url: str, mode: str) -> str:
+    """The opening line of `mms tune`: what runs, and where the study lives (password masked)."""
+    return (
+        f"[bold]mms tune[/bold] {spec}: {tune.trials} trials, {len(tune.params)} parameters, "
+        f"study database {redact_url(storage_url)}  ({mode} mode)"
+    )
 
 
 def _study_table(result) -> Table:

@@ -22,7 +22,9 @@ from mlflow.models.model import ModelInfo
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mms_core.errors import ModelLoadError
+from mms_core.models.zoo import builder_module, trusting
 from mms_core.packaging import PackageConfig, Predictor, read_package, write_package
+from mms_core.secrets import redact_text
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 TAG_VARIANT = "mms.variant"
@@ -71,10 +73,12 @@ def ensure_experiment(*, tracking_uri: str, name: str, artifact_root: str | None
 def start_run(
     *, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]
 ) -> str:
+    """Create a run with ``tags`` and ``params``; a password in a URL of a param value is masked
+    (secret fields are already masked in the specs' JSON form: mms_core.secrets)."""
     c = client(tracking_uri=tracking_uri)
     run = c.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in params.items():
-        c.log_param(run.info.run_id, key, str(value)[:6000])
+        c.log_param(run.info.run_id, key, redact_text(str(value))[:6000])
     return run.info.run_id
 
 
@@ -111,12 +115,19 @@ def register_package(
 
     Idempotent: if ``run_id`` already has a version of ``name`` with the same variant tag, that
     version is returned and nothing new is logged. Returns the version number as a string.
+
+    For the training run that made ``config`` (its own model): the model's module is trusted while
+    the package is checked and logged here, without MMS_TRUSTED_MODEL_MODULES; every later load
+    (servers, workers, ``mlflow.pyfunc.load_model``) needs the operator's setting.
     """
     c = client(tracking_uri=tracking_uri)
     existing = find_version(tracking_uri=tracking_uri, name=name, run_id=run_id, variant=tags[TAG_VARIANT])
     if existing is not None:
         return existing
-    with tempfile.TemporaryDirectory() as tmp:
+    # The run's own model (its spec named it, it just trained): trusted here whatever the operator
+    # lists, as MLflow loads the pyfunc back below. Servers and workers still need the setting.
+    own = builder_module(config.model.name)
+    with tempfile.TemporaryDirectory() as tmp, trusting(modules=[own] if own else []):
         package = write_package(directory=Path(tmp) / "package", config=config, weights=weights)
         predictions = Predictor.from_directory(package).predict(example)
         with mlflow.start_run(run_id=run_id):

@@ -50,7 +50,13 @@ class PipelineSpec(BaseModel):
 
     @property
     def hash(self) -> str:
+        """Content hash of the spec's JSON form, in which secrets are masked (see DataSpec): a
+        credential neither shows through the hash nor changes it when it is rotated."""
         return storage.canonical_hash(self.model_dump(mode="json"))
+
+    def masked_fields(self) -> list[str]:
+        """Dotted fields whose JSON form (MLflow params, Prefect parameters) hides a credential."""
+        return [f"data.{name}" for name in self.data.masked_fields()]
 
 
 def load_spec(path: str | Path | None = None, *, overrides: list[str] = ()) -> PipelineSpec:

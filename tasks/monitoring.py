@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from mms_core.errors import MonitoringError
 from mms_core.monitoring.check import (
@@ -72,8 +72,9 @@ def reference(*, tracking_uri: str, model: str) -> tuple[StatsSnapshot, str, str
     name="live-statistics", cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient
 )
 def live(
-    *, model: str, version: str, server_url: str | None, stream_stats_uri: str | None, api_key: str | None
-) -> LiveStats:
+    *, model: str, version: str, server_url: str | None, stream_stats_uri: str | None,
+    api_key: SecretStr | None,
+) -> LiveStats:  # fmt: skip
     result = gather_live(
         model=model, version=version, server_url=server_url, stream_stats_uri=stream_stats_uri,
         api_key=api_key,

@@ -12,6 +12,7 @@ from mms_core.data.ingest import DataSpec, IngestResult
 from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, shard_key
 from mms_core.evaluate import EvalResult
 from mms_core.plots import confusion_png, training_curves_png
+from mms_core.secrets import redact_url
 from mms_core.spec import PipelineSpec
 from mms_core.training.spec import RankResult, TrainJob, checkpoint_key
 from mms_core.training.strategies import progress_units, run_strategy
@@ -26,7 +27,11 @@ if TYPE_CHECKING:  # the flow owns the cluster; this task only waits for its cli
 def ingest(*, data: DataSpec, root: str) -> IngestResult:
     result = steps.ingest(spec=data, root=root)
     get_run_logger().info(
-        "ingested %s: %d rows, %d features -> %s", data.source, result.rows, len(result.features), result.uri
+        "ingested %s: %d rows, %d features -> %s",
+        redact_url(data.source),
+        result.rows,
+        len(result.features),
+        result.uri,
     )
     return result
 
@@ -78,7 +83,7 @@ def start_tracking(
         "mms.prefect_flow_run_id": flow_run_id(),
     }
     params = {
-        "spec": spec.model_dump_json(),
+        "spec": spec.model_dump_json(),  # secrets masked (DataSpec's JSON form)
         "model": spec.model.name,
         "strategy": spec.training.strategy,
         "epochs": spec.training.epochs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from mms_core.secrets import redact_url
 from mms_core.serving import rollout
 from mms_core.serving.rollout import RolloutDecision, RolloutSpec, VersionStats
 
@@ -13,7 +14,7 @@ from mms_core.serving.rollout import RolloutDecision, RolloutSpec, VersionStats
 def resolve_candidate(*, tracking_uri: str, spec: RolloutSpec) -> str:
     version = rollout.resolve_candidate(tracking_uri=tracking_uri, spec=spec)
     get_run_logger().info(
-        "rolling out %s v%s (%s) to %s", spec.model, version, spec.candidate, spec.server_url
+        "rolling out %s v%s (%s) to %s", spec.model, version, spec.candidate, redact_url(spec.server_url)
     )
     return version
 

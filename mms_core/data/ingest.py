@@ -8,16 +8,19 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
 from mms_core import storage
 from mms_core.data import text
 from mms_core.errors import DataError
+from mms_core.secrets import MASK, redact_mapping, redact_text, redact_url
 
 BUILTINS = ("digits", "synthetic", "pystdlib")
 _SYNTHETIC_PARAMS = {"n_samples": int, "n_features": int, "n_classes": int, "seed": int}
 _PYSTDLIB_PARAMS = {"seq_len": int, "max_bytes": int, "max_files": int, "tokenizer": str, "vocab_size": int}
 BPE_TRAIN_BYTES = 2_000_000  # BPE merges are learned on the corpus's first 2 MB: seconds, not minutes
+# Storage options known to hold no credential: shown as they are (a URL's password still masked).
+PUBLIC_STORAGE_OPTIONS = frozenset({"endpoint_url", "region_name"})
 
 
 class DataSpec(BaseModel):
@@ -33,9 +36,34 @@ class DataSpec(BaseModel):
         "or a .csv/.parquet fsspec URI (file://, s3://, ...).",
     )
     label: str = Field(default="label", description="Name of the label column.")
-    storage_options: dict[str, str] = Field(
-        default_factory=dict, description="fsspec options for the source (e.g. endpoint_url for s3)."
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="fsspec options for the source (e.g. endpoint_url, key, secret for s3). Secrets: "
+        f"stored and shown masked ({MASK}: MLflow params, Prefect parameters, the spec hash), "
+        f"except {', '.join(sorted(PUBLIC_STORAGE_OPTIONS))}.",
     )
+
+    # JSON is what leaves the process (MLflow params, Prefect's parameter store, hashes): no
+    # credential in it. model_dump() in Python mode keeps the SecretStr values, for code that
+    # rebuilds a spec from a spec (tuning).
+    @field_serializer("source", when_used="json")
+    def _source_without_password(self, source: str) -> str:
+        return redact_url(source)
+
+    @field_serializer("storage_options", when_used="json")
+    def _options_masked(self, options: dict[str, SecretStr]) -> dict[str, str]:
+        return redact_mapping(options, public=PUBLIC_STORAGE_OPTIONS)
+
+    def masked_fields(self) -> list[str]:
+        """Fields whose JSON form hides a credential: a spec read back from JSON lacks them."""
+        shown = self.model_dump(mode="json")
+        options = shown["storage_options"]
+        hidden = [
+            f"storage_options.{k}"
+            for k, v in self.storage_options.items()
+            if options[k] != v.get_secret_value()
+        ]
+        return (["source"] if shown["source"] != self.source else []) + sorted(hidden)
 
 
 class IngestResult(BaseModel):
@@ -57,8 +85,8 @@ def load_source(*, spec: DataSpec) -> pd.DataFrame:
     if spec.source.startswith("builtin://"):
         df = _builtin(spec.source, label=spec.label)
     else:
-        df = _read_table(spec.source, spec.storage_options)
-    check_schema(df, label=spec.label, source=spec.source)
+        df = _read_table(spec.source, _fsspec_options(spec))
+    check_schema(df, label=spec.label, source=redact_url(spec.source))
     return df
 
 
@@ -191,25 +219,46 @@ def _pystdlib(params: dict[str, str], *, label: str, source: str) -> pd.DataFram
     return df
 
 
+def _fsspec_options(spec: DataSpec) -> dict[str, str]:
+    """The real storage options, revealed here, for the fsspec call only.
+
+    Raises:
+        DataError: an option holds the mask: the spec was read back from where secrets are stored
+            masked (MLflow params, a Prefect deployment's parameters).
+    """
+    options = {key: value.get_secret_value() for key, value in spec.storage_options.items()}
+    masked = sorted(key for key, value in options.items() if value == MASK)
+    if masked:
+        raise DataError(
+            f"data.storage_options {masked} hold the mask {MASK!r}, not credentials: this spec was read "
+            "back from a store that keeps secrets masked (MLflow params, Prefect parameters); give the "
+            "credentials to the process that runs the flow instead (e.g. AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY for s3://) and drop them from the spec, or set them again with --set"
+        )
+    return options
+
+
 def _read_table(uri: str, storage_options: dict[str, str]) -> pd.DataFrame:
-    path = urlsplit(uri).path or uri
+    path, shown = urlsplit(uri).path or uri, redact_url(uri)
     try:
         fs, fpath = storage.fs_and_path(uri, **storage_options)
         if not fs.exists(fpath):
-            raise DataError(f"{uri}: no such file; check data.source")
+            raise DataError(f"{shown}: no such file; check data.source")
         with fs.open(fpath, "rb") as f:
             raw = f.read()
     except DataError:
         raise
     except (OSError, ValueError) as exc:
-        raise DataError(f"{uri}: cannot read ({exc}); check the URI and storage options") from exc
+        raise DataError(
+            f"{shown}: cannot read ({redact_text(str(exc))}); check the URI and storage options"
+        ) from exc
     if not raw:
-        raise DataError(f"{uri}: the file is empty; point data.source at a non-empty table")
+        raise DataError(f"{shown}: the file is empty; point data.source at a non-empty table")
     try:
         if path.endswith(".parquet") or path.endswith(".pq"):
             return pd.read_parquet(io.BytesIO(raw))
         if path.endswith(".csv") or path.endswith(".csv.gz"):
             return pd.read_csv(io.BytesIO(raw), compression="gzip" if path.endswith(".gz") else None)
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
-        raise DataError(f"{uri}: not a readable table ({type(exc).__name__}: {exc})") from exc
-    raise DataError(f"{uri}: unsupported file type; use .csv, .csv.gz or .parquet")
+        raise DataError(f"{shown}: not a readable table ({type(exc).__name__}: {exc})") from exc
+    raise DataError(f"{shown}: unsupported file type; use .csv, .csv.gz or .parquet")

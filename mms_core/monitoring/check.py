@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from mms_core import registry, storage
 from mms_core.errors import MonitoringError
@@ -13,6 +13,7 @@ from mms_core.monitoring.drift import DriftReport, DriftThresholds, compare
 from mms_core.monitoring.live import fetch_server, model_name, read_stream
 from mms_core.monitoring.report import Health, drift_png, health_from_metrics, markdown
 from mms_core.monitoring.stats import StatsSnapshot, merge
+from mms_core.secrets import MASK, redact_url
 from mms_core.spec import PipelineSpec
 
 EXPERIMENT = "mms-monitoring"
@@ -54,8 +55,9 @@ def check_request(*, server_url: str | None, stream_stats_uri: str | None, deplo
 
 
 def gather_live(
-    *, model: str, version: str, server_url: str | None, stream_stats_uri: str | None, api_key: str | None
-) -> LiveStats:
+    *, model: str, version: str, server_url: str | None, stream_stats_uri: str | None,
+    api_key: SecretStr | None,
+) -> LiveStats:  # fmt: skip
     """Merge the server's statistics of ``version`` and the stream consumers' files of it.
 
     Raises:
@@ -67,7 +69,7 @@ def gather_live(
     if server_url:
         stats, metrics = fetch_server(url=server_url, model=model, version=version, api_key=api_key)
         parts.append(stats)
-        sources.append(server_url)
+        sources.append(redact_url(server_url))  # sources go to MLflow params and logs
         health = health_from_metrics(metrics)
     if stream_stats_uri:
         stream = read_stream(stream_stats_uri, version=version)
@@ -77,7 +79,7 @@ def gather_live(
         raise MonitoringError(
             f"no live rows of {model} (version {version}) yet: give server_url of a `mms serve` that "
             f"serves it and/or stream_stats_uri of `mms stream --stats-dir` "
-            f"(looked at: {server_url or '-'}, {stream_stats_uri or '-'})"
+            f"(looked at: {redact_url(server_url or '-')}, {stream_stats_uri or '-'})"
         )
     return LiveStats(stats=merge(parts), health=health, sources=sources)
 
@@ -128,6 +130,10 @@ def note_retraining(*, tracking_uri: str, run_id: str, note: str, flow_run_id: s
 def retrain_spec(*, tracking_uri: str, run_id: str, fresh_data_uri: str) -> PipelineSpec:
     """The spec that trained run ``run_id``, reading its data from ``fresh_data_uri`` instead.
 
+    The run's params hold its storage credentials masked: they are left out, and the retraining
+    reads ``fresh_data_uri`` with the credentials of the process that runs it (its environment,
+    e.g. AWS_ACCESS_KEY_ID); non-secret options (endpoint_url) are kept.
+
     Raises:
         MonitoringError: the run has no spec (not made by the training pipeline), or the URI is unsafe.
     """
@@ -137,4 +143,6 @@ def retrain_spec(*, tracking_uri: str, run_id: str, fresh_data_uri: str) -> Pipe
     storage.fs_and_path(fresh_data_uri)  # an unknown protocol fails here, not in the training run
     raw = json.loads(params["spec"])
     raw["data"]["source"] = fresh_data_uri
+    options = raw["data"].get("storage_options") or {}
+    raw["data"]["storage_options"] = {k: v for k, v in options.items() if v != MASK}
     return PipelineSpec.model_validate(raw)

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import httpx
+from pydantic import SecretStr
 
 from mms_core import storage
 from mms_core.errors import MonitoringError
 from mms_core.monitoring.stats import StatsSnapshot
+from mms_core.secrets import redact_text, redact_url
 
 
 def model_name(model: str) -> str:
@@ -21,7 +23,7 @@ def stream_stats_uri(*, storage_root: str, model: str) -> str:
 
 
 def fetch_server(
-    *, url: str, model: str, version: str, api_key: str | None = None, timeout_s: float = 10.0
+    *, url: str, model: str, version: str, api_key: SecretStr | None = None, timeout_s: float = 10.0
 ) -> tuple[StatsSnapshot, str]:
     """The server's running statistics of ``version`` and its /metrics text.
 
@@ -29,19 +31,19 @@ def fetch_server(
         MonitoringError: the server does not answer, or refuses (401/403/404: e.g. it does not
             serve ``version``), naming the fix.
     """
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    base = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+    base, shown = url.rstrip("/"), redact_url(url.rstrip("/"))
     try:
         with httpx.Client(timeout=timeout_s, headers=headers) as client:
             stats = client.get(f"{base}/v1/models/{model_name(model)}/stats", params={"version": version})
             metrics = client.get(f"{base}/metrics")
     except httpx.TransportError as exc:
         raise MonitoringError(
-            f"online server {base} does not answer ({exc!r}); is `mms serve` running?"
+            f"online server {shown} does not answer ({redact_text(repr(exc))}); is `mms serve` running?"
         ) from exc
     if stats.status_code != 200:
         raise MonitoringError(
-            f"{base} answered {stats.status_code} for the statistics of {model_name(model)} v{version}: "
+            f"{shown} answered {stats.status_code} for the statistics of {model_name(model)} v{version}: "
             f"{stats.text[:300]} (a server beyond loopback needs api_key; a version it does not serve "
             "has none: monitor the alias it serves)"
         )

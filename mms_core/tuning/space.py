@@ -7,6 +7,7 @@ range, a log range through zero, a path the trials cannot vary, or a value the s
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -185,8 +186,8 @@ def check_space(*, spec: PipelineSpec, tune: TuneSpec) -> None:
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the JSON spec ``base`` with each dotted path set to its value."""
-    out = json.loads(json.dumps(base))
+    """A copy of the spec mapping ``base`` with each dotted path set to its value."""
+    out = copy.deepcopy(base)
     for name, value in params.items():
         set_dotted(out, name.split("."), value)
     return out
@@ -194,14 +195,15 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
 
 def trial_spec(*, spec: PipelineSpec, tune: TuneSpec, params: dict[str, Any]) -> PipelineSpec:
     """The spec a trial trains: ``params`` applied, ``tuning.trial_epochs`` epochs, one worker."""
-    raw = apply_params(spec.model_dump(mode="json"), params)
+    # Python mode, not JSON: the JSON form masks the data section's secrets (DataSpec).
+    raw = apply_params(spec.model_dump(), params)
     raw["training"] |= {"epochs": tune.trial_epochs, "world_size": 1}
     return PipelineSpec.model_validate(raw)
 
 
 def best_spec(*, spec: PipelineSpec, params: dict[str, Any]) -> PipelineSpec:
     """The full run of the best trial's parameters (the spec's own epochs and workers)."""
-    return PipelineSpec.model_validate(apply_params(spec.model_dump(mode="json"), params))
+    return PipelineSpec.model_validate(apply_params(spec.model_dump(), params))  # secrets kept
 
 
 def suggest(trial: optuna.Trial, tune: TuneSpec) -> dict[str, Any]:

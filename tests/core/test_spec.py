@@ -84,7 +84,8 @@ def test_override_creates_nested_new_keys():
             "model.kwargs.extra.depth=2",
         ]
     )
-    assert spec.data.storage_options == {"endpoint_url": "http://127.0.0.1:9000"}
+    options = {k: v.get_secret_value() for k, v in spec.data.storage_options.items()}  # SecretStr values
+    assert options == {"endpoint_url": "http://127.0.0.1:9000"}
     assert spec.model.kwargs == {"dropout": 0.25, "extra": {"depth": 2}}
 
 
