@@ -48,6 +48,20 @@ class DeadlineExceeded(ApiError):
         super().__init__(504, "deadline_exceeded", message, retry_after_s=1.0)
 
 
+class UnknownVersion(ApiError):
+    """The version named is not served (or not in the registry): 404."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(404, "unknown_version", message)
+
+
+class Conflict(ApiError):
+    """The request cannot apply to what is served now (the only version, a duplicate, no registry): 409."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(409, "conflict", message)
+
+
 class ReplicaError(ApiError):
     """The model itself raised on this request (alone: a batch that fails is retried row by row)."""
 
@@ -110,6 +124,8 @@ _MEANING = {
     401: "No API key where one is required, or an unknown one.",
     403: "The key is revoked, or is not an admin key for /admin.",
     404: "Unknown model or version.",
+    409: "Cannot apply to what is served: the only version, already served, fails to load, no registry,"
+    " all-zero shares.",
     413: "The body or the row count is over the limit: split the batch.",
     415: "The body is not application/json.",
     422: "The payload does not match the model's signature (2-D, row width, numbers, finite).",

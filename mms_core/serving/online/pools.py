@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mms_core.errors import MMSError
 from mms_core.packaging import PackageConfig
+from mms_core.serving.online.errors import Conflict, UnknownVersion
 
 if TYPE_CHECKING:
     from mms_core.serving.online.replicas import ReplicaState
@@ -54,20 +54,20 @@ class Pools:
     def require(self, version: str) -> VersionPool:
         pool = self.by_version.get(version)
         if pool is None:
-            raise MMSError(f"version {version} is not served; served: {sorted(self.by_version)}")
+            raise UnknownVersion(f"version {version} is not served; served: {sorted(self.by_version)}")
         return pool
 
     def add(self, pool: VersionPool) -> None:
         """Register ``pool`` (not yet loaded, share 0).
 
         Raises:
-            MMSError: the version is served already, or takes other features than the served ones.
+            Conflict: the version is served already, or takes other features than the served ones.
         """
         if pool.version in self.by_version:
-            raise MMSError(f"version {pool.version} is already served; remove it first or pick another")
+            raise Conflict(f"version {pool.version} is already served; remove it first or pick another")
         for other in self.by_version.values():
             if other.package.features != pool.package.features:
-                raise MMSError(
+                raise Conflict(
                     f"version {pool.version} takes different features than version {other.version}; "
                     "a rollout must keep the input schema (serve it under another name)"
                 )
@@ -83,14 +83,15 @@ class Pools:
         """Set each version's share of new requests (normalised to sum 1).
 
         Raises:
-            MMSError: an unknown version, or a share that is negative, not finite, or all zero.
+            UnknownVersion: a version that is not served.
+            Conflict: a share that is negative, not finite, or all shares zero.
         """
         unknown = [v for v in shares if v not in self.by_version or self.by_version[v].removing]
         if unknown:
-            raise MMSError(f"unknown version(s) {unknown}; served: {sorted(self.shares())}")
+            raise UnknownVersion(f"unknown version(s) {unknown}; served: {sorted(self.shares())}")
         values = list(shares.values())
         if not all(math.isfinite(s) and s >= 0 for s in values) or sum(values) <= 0:
-            raise MMSError(f"traffic shares must be finite, >= 0 and sum to more than 0, got {shares}")
+            raise Conflict(f"traffic shares must be finite, >= 0 and sum to more than 0, got {shares}")
         total = sum(values)
         for version, share in shares.items():
             self.by_version[version].share = share / total

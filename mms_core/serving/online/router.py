@@ -19,11 +19,10 @@ import time
 import numpy as np
 from distributed import Client
 
-from mms_core.errors import MMSError
 from mms_core.packaging import PackageConfig
 from mms_core.serving.online.batcher import Pending, Reply
 from mms_core.serving.online.config import ServeConfig
-from mms_core.serving.online.errors import DeadlineExceeded, Overloaded
+from mms_core.serving.online.errors import Conflict, DeadlineExceeded, Overloaded
 from mms_core.serving.online.metrics import ServingMetrics
 from mms_core.serving.online.pools import Pools, VersionPool
 from mms_core.serving.online.replicas import LOAD_TIMEOUT_S, ReplicaSet, ReplicaState
@@ -58,7 +57,7 @@ class Router:
             states = await asyncio.gather(*(self._spawn(pool, w) for w in workers))
         except Exception as exc:
             self.pools.remove(version)
-            raise MMSError(f"version {version} failed to load on the workers: {exc}") from exc
+            raise Conflict(f"version {version} failed to load on the workers: {exc}") from exc
         pool.replicas.extend(states)
         pool.loaded = True
         self.pools.set_shares({**self.pools.shares(), version: share})
@@ -74,7 +73,7 @@ class Router:
         pool = self.pools.require(version)
         rest = {v: s for v, s in self.pools.shares().items() if v != version}
         if not rest:
-            raise MMSError(f"version {version} is the only one served; add another before removing it")
+            raise Conflict(f"version {version} is the only one served; add another before removing it")
         if sum(rest.values()) == 0:
             rest = dict.fromkeys(rest, 1.0)
         pool.removing = True

@@ -29,7 +29,7 @@ class Traffic(BaseModel):
     )
 
 
-ADMIN_ERRORS = responses(400, 401, 403, 422)
+ADMIN_ERRORS = responses(400, 401, 403, 404, 409, 422)
 
 
 def admin_routes(runtime: ServingRuntime, auth: Auth) -> APIRouter:

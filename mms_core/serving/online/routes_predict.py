@@ -142,7 +142,7 @@ def _body_schema(runtime: ServingRuntime) -> dict:
     features = runtime.model.package.features
     width = len(features)
     # A body must fit max_body_bytes: at most ~24 characters per number as JSON.
-    max_rows = max(1, min(runtime.config.max_rows, runtime.config.max_body_bytes // (width * 26 + 4)))
+    max_rows = max(1, min(runtime.schema.max_rows, runtime.config.max_body_bytes // (width * 26 + 4)))
     number = {"type": "number", "minimum": -3.0e38, "maximum": 3.0e38}  # finite in float32
     rows = {
         "type": "array", "minItems": 1, "maxItems": max_rows,

@@ -15,12 +15,13 @@ from pathlib import Path
 from distributed import Client
 from fastapi import FastAPI
 
+from mms_core.errors import ModelLoadError
 from mms_core.monitoring.stats import RunningStats
 from mms_core.packaging import PackageConfig
 from mms_core.serving.lease import held_lease
 from mms_core.serving.metering import QuotaLimiter, UsageMeter
 from mms_core.serving.online.config import ServeConfig
-from mms_core.serving.online.errors import ApiError, Overloaded
+from mms_core.serving.online.errors import Conflict, Overloaded, UnknownVersion
 from mms_core.serving.online.metrics import ServingMetrics
 from mms_core.serving.online.router import Router
 from mms_core.serving.payload import InputSchema
@@ -58,7 +59,7 @@ class ServingRuntime:
         self.schema = InputSchema(
             features=package.features,
             mean=package.mean,
-            max_rows=config.max_rows,
+            max_rows=max_request_rows(config),
             nan_policy=config.nan_policy,
         )
         # Inputs and predictions per version, for drift monitoring (GET /v1/models/{name}/stats). Per
@@ -147,14 +148,23 @@ class ServingRuntime:
     async def add_version(self, *, version: str, replicas: int | None, share: float) -> str:
         """Load registered ``version`` beside the served ones; returns the version as resolved."""
         if self.loader is None:
-            raise ApiError(400, "no_registry", "this server was started without a registry to load from")
-        package, weights, resolved = await asyncio.to_thread(self.loader, version)
+            raise Conflict("this server was started without a registry to load versions from")
+        try:
+            package, weights, resolved = await asyncio.to_thread(self.loader, version)
+        except ModelLoadError as exc:
+            raise UnknownVersion(f"version {version} cannot be loaded from the registry: {exc}") from exc
         self.monitors.setdefault(resolved, _monitor(resolved, package))
         await self.router.add_version(
             version=resolved, package=package, weights=weights,
             replicas=replicas or self.config.replicas, share=share,
         )  # fmt: skip
         return resolved
+
+
+def max_request_rows(config: ServeConfig) -> int:
+    """Most rows one request may carry (413 beyond): no more than a replica's queue holds, or it
+    could never be queued and would be told to retry forever."""
+    return min(config.max_rows, config.max_queue_rows)
 
 
 def _monitor(version: str, package: PackageConfig) -> RunningStats:

@@ -196,7 +196,7 @@ def test_keys_guard_predictions_and_the_admin_api(
         traffic = httpx.put(
             f"{url}/admin/traffic", json={"shares": {"9": 1.0}}, headers={"Authorization": f"Bearer {admin}"}
         )
-        assert traffic.status_code == 400 and "unknown version" in traffic.json()["error"]["message"]
+        assert traffic.status_code == 404 and "unknown version" in traffic.json()["error"]["message"]
 
 
 def test_killed_replica_is_routed_around_without_failed_requests(
