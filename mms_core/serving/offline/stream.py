@@ -3,27 +3,26 @@
 
 Brokers, by URI: ``redis://host:port/db?stream=NAME[&group=G]`` is a Redis Stream read by a consumer
 group, answered into another stream on the same server (answer + ack is one atomic script; a
-consumer killed mid-batch leaves its messages pending and a live one reclaims them). Anything else
-is a directory (fsspec URI) of ``*.ndjson`` files, the embedded default: each sink file answers the
-source file of the same name line by line, written atomically; its existence is the ack.
+consumer killed mid-batch leaves its messages pending and a live one reclaims them; a message that
+keeps killing consumers goes to ``NAME:dead`` after ``max_deliveries``; every stream stays bounded).
+Anything else is a directory (fsspec URI) of ``*.ndjson`` files, the embedded default: each sink file
+answers the source file of the same name line by line, written atomically; its existence is the ack.
 
 A Redis entry has one field named after a :data:`FORMATS` key (``inputs``, ...) holding JSON; an
-NDJSON line is ``{"id": ..., "inputs": ...}``. A bad message gets an ``error`` answer and is
+NDJSON line is ``{"id": ..., "inputs": ...}``. A bad message (bytes that are not UTF-8, not JSON,
+numbers or nesting too big to decode, a shape the model cannot take) gets an ``error`` answer and is
 acknowledged: never retried, never fatal to the consumer.
 
-This module is the public entry: it parses the URIs, runs the NDJSON broker and places consumers on
-Dask. The Redis broker is :mod:`.stream_redis`; options, stats and the per-consumer context, which
-both brokers use, are :mod:`.stream_consumer`.
+This module is the public entry: it parses the URIs and places consumers on Dask. The brokers are
+:mod:`.stream_redis` and :mod:`.stream_ndjson`; options, stats and the per-consumer context, which
+both use, are :mod:`.stream_consumer`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import time
 import uuid
-import zlib
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -40,9 +39,17 @@ from mms_core.serving.offline.stream_consumer import (
     StreamError,
     StreamOptions,
     StreamResult,
-    decode_json,
 )
-from mms_core.serving.offline.stream_redis import RedisIO, RedisStream, connect, consume_redis, ensure_group
+from mms_core.serving.offline.stream_ndjson import consume_ndjson
+from mms_core.serving.offline.stream_redis import (
+    RedisIO,
+    RedisStream,
+    check_streams,
+    connect,
+    consume_redis,
+    dead_letter_stream,
+    ensure_group,
+)
 from mms_core.serving.payload import InputSchema
 
 __all__ = [
@@ -92,8 +99,9 @@ def check_endpoints(
     """Parse both URIs, refuse unusable pairs, and prepare the broker (consumer group, sink directory).
 
     Raises:
-        StreamError: bad URI, a Redis URI mixed with a directory, sink equal to source, unreachable
-            Redis, or a missing source directory.
+        StreamError: bad URI, a Redis URI mixed with a directory, sink equal to source (or to its
+            dead-letter stream), a stream name held by a key of another type, unreachable Redis, or
+            a missing source directory.
     """
     src, dst = parse_stream_uri(source, role="source"), parse_stream_uri(sink, role="sink")
     if isinstance(src, RedisStream) != isinstance(dst, RedisStream):
@@ -103,7 +111,13 @@ def check_endpoints(
             raise StreamError(f"the sink must be on the source's server {src.server}, not {dst.server}")
         if src.stream == dst.stream:
             raise StreamError(f"sink is the source stream {src.stream!r}: answers would be read as requests")
-        ensure_group(connect(src, options), src)
+        if dst.stream == dead_letter_stream(source=src.stream):
+            raise StreamError(
+                f"sink {dst.stream!r} is the source's dead-letter stream: choose another stream"
+            )
+        client = connect(src, options)
+        check_streams(client=client, names=[src.stream, dst.stream, dead_letter_stream(source=src.stream)])
+        ensure_group(client, src)
         return src, dst
     src_fs, src_path = storage.fs_and_path(src)
     dst_fs, dst_path = storage.fs_and_path(dst)
@@ -155,60 +169,9 @@ def consume(
     try:
         if isinstance(src, RedisStream) and isinstance(dst, RedisStream):
             return consume_redis(run, RedisIO(src, dst.stream, opts, consumer=run.name))
-        return _consume_ndjson(run, str(src), str(dst))
+        return consume_ndjson(run=run, src=str(src), dst=str(dst))
     finally:
         run.write_stats(force=True)
-
-
-def _consume_ndjson(run: ConsumerRun, src: str, dst: str) -> ConsumerStats:
-    stats = ConsumerStats(consumer=run.name)
-    last_file = time.monotonic()
-    while not run.stopped():
-        todo = _unanswered_files(src, dst, index=run.index, n_consumers=run.n_consumers)
-        for file in todo:
-            if run.stopped():
-                break
-            _answer_file(run, storage.join(src, file), storage.join(dst, file), stats)
-        if todo:
-            last_file = time.monotonic()
-        elif run.options.idle_exit_s is not None and time.monotonic() - last_file >= run.options.idle_exit_s:
-            break
-        else:
-            time.sleep(run.options.block_ms / 1000)
-    return stats
-
-
-def _unanswered_files(src: str, dst: str, *, index: int, n_consumers: int) -> list[str]:
-    """This consumer's source files with no sink file yet. Dot-files are temp files of atomic writes."""
-    src_fs, src_path = storage.fs_and_path(src)
-    dst_fs, dst_path = storage.fs_and_path(dst)
-    answered = {p.rsplit("/", 1)[-1] for p in dst_fs.glob(f"{dst_path}/*.ndjson")}
-    names = sorted(p.rsplit("/", 1)[-1] for p in src_fs.glob(f"{src_path}/*.ndjson"))
-    return [
-        n
-        for n in names
-        if not n.startswith(".") and n not in answered and zlib.crc32(n.encode()) % n_consumers == index
-    ]
-
-
-def _answer_file(run: ConsumerRun, src_uri: str, dst_uri: str, stats: ConsumerStats) -> None:
-    text = storage.read_bytes(src_uri).decode("utf-8", errors="replace")  # bad bytes -> a bad-JSON line
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    out: list[str] = []
-    for start in range(0, len(lines), run.options.batch_size):
-        chunk = lines[start : start + run.options.batch_size]
-        records = [decode_json(line, f"line {n}") for n, line in chunk]
-        for (n, _), record, res in zip(chunk, records, run.answer(records), strict=True):
-            rid = record.get("id", n) if isinstance(record, dict) else n
-            if "error" in res:
-                out.append(json.dumps({"id": rid, "line": n, "error": res["error"]}))
-                stats.errors += 1
-            else:
-                out.append(json.dumps({"id": rid, "predictions": res["predictions"], "version": run.version}))
-                stats.rows += len(res["predictions"])
-        stats.messages += len(chunk)
-    storage.write_bytes_atomic(dst_uri, "".join(f"{line}\n" for line in out).encode())
-    stats.files += 1
 
 
 def _consumer_task(package: tuple[PackageConfig, bytes], *, stop_name: str, **kwargs: Any) -> ConsumerStats:
@@ -267,7 +230,7 @@ def run_stream(
     except BaseException:
         Event(stop_name, client=client).set()  # a seceded task ignores cancel(): tell it to stop
         raise
-    counts = ("messages", "rows", "errors", "reclaimed", "duplicates", "files")
+    counts = ("messages", "rows", "errors", "reclaimed", "duplicates", "files", "dead")
     totals = {f: sum(getattr(s, f) for s in stats) for f in counts}
     return StreamResult(source=source, sink=sink, model_version=model_version, consumers=stats, **totals)
 

@@ -324,6 +324,8 @@ def test_ndjson_directories_are_answered_once(dask_client, digits_package, digit
         ("{url}?stream=a&colour=red", "{url}?stream=b", "unknown query key(s) ['colour']"),
         ("{url}", "{url}?stream=b", "name the stream"),
         ("{url}?stream=a", "{url}?stream=a", "sink is the source stream"),
+        ("{url}?stream=a", "{url}?stream=a:dead", "dead-letter stream"),
+        ("{url}?stream=a", "{url}?stream=not-a-stream", "is a string, not a stream"),
         ("{url}?stream=a", "{url}?stream=b&group=g", "unknown query key(s) ['group']"),
         ("{url}?stream=a", "/tmp/out", "both be redis:// streams or both be directories"),
         ("/nonexistent/in", "/tmp/out", "does not exist"),
@@ -335,6 +337,7 @@ def test_bad_endpoints_fail_fast_with_a_clear_error(
     with socket.socket() as s:  # a free port: nothing listens there once closed
         s.bind(("127.0.0.1", 0))
         fill = {"port": s.getsockname()[1], "url": redis_url}
+    redis.Redis.from_url(redis_url).set("not-a-stream", "x")  # a key of another type, in the way
     started = time.monotonic()
     with pytest.raises(StreamError) as info:
         run_stream(
@@ -350,3 +353,29 @@ def test_bad_endpoints_fail_fast_with_a_clear_error(
     assert time.monotonic() - started < 5
     if message == "cannot reach Redis":
         assert "mms stack up" in str(info.value)
+
+
+def test_stream_options_read_the_environment_and_keywords_win(monkeypatch):
+    monkeypatch.delenv("MMS_STREAM_MAXLEN", raising=False)
+    monkeypatch.delenv("MMS_STREAM_MAX_DELIVERIES", raising=False)
+    assert (StreamOptions().maxlen, StreamOptions().max_deliveries) == (100_000, 5)
+    monkeypatch.setenv("MMS_STREAM_MAXLEN", "200")
+    monkeypatch.setenv("MMS_STREAM_MAX_DELIVERIES", "3")
+    opts = StreamOptions(batch_size=8, idle_exit_s=None, stats_uri="/tmp/stats")  # as `mms stream` builds it
+    assert (opts.maxlen, opts.max_deliveries, opts.batch_size, opts.stats_uri) == (200, 3, 8, "/tmp/stats")
+    assert StreamOptions(maxlen=10).maxlen == 10
+    with pytest.raises(ValueError, match="max_deliveries"):
+        StreamOptions(max_deliveries=0)
+
+
+def test_predictor_cache_keeps_the_most_recently_used_models(digits_package):
+    from mms_core.serving.offline import predictors
+
+    config, weights = digits_package
+    predictors._PREDICTORS.clear()  # this test process's cache; workers keep their own
+    built = {k: predictors.cached_predictor(config=config, weights=weights, key=k) for k in "abcd"}
+    assert predictors.cached_predictor(config=config, weights=weights, key="a") is built["a"]  # now newest
+    predictors.cached_predictor(config=config, weights=weights, key="e")
+    assert list(predictors._PREDICTORS) == ["c", "d", "a", "e"]  # b, least recently used, went
+    assert len(predictors._PREDICTORS) == predictors.MAX_PREDICTORS
+    predictors._PREDICTORS.clear()
