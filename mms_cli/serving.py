@@ -210,5 +210,5 @@ def stream(
             raise typer.Exit(130) from None
     console.print(
         f"{result.messages} messages ({result.rows} rows, {result.errors} errors, "
-        f"{result.reclaimed} reclaimed) answered by v{result.model_version}"
+        f"{result.reclaimed} reclaimed, {result.dead} dead-lettered) answered by v{result.model_version}"
     )

@@ -174,3 +174,23 @@ def running_server(app, port: int | None = None) -> Iterator[str]:
 def serve_app():
     """``with serve_app(app) as url:`` runs a FastAPI app on a free loopback port until /ready."""
     return running_server
+
+
+@pytest.fixture(scope="module")
+def digits_app(dask_client, digits_package):
+    """``digits_app(keys=..., version=..., **serve_config)``: an online server app for the digits
+    package on the module's LocalCluster (name "digits", no usage meter)."""
+    from mms_core.serving.online.app import ServedModel, create_app
+    from mms_core.serving.online.config import ServeConfig
+
+    def make(*, keys=None, version: str = "1", **config):
+        package, weights = digits_package
+        return create_app(
+            config=ServeConfig(**config),
+            model=ServedModel(name="digits", version=version, package=package, weights=weights),
+            scheduler_address=dask_client.scheduler.address,
+            keys=keys,
+            meter=None,
+        )
+
+    return make

@@ -45,8 +45,6 @@ import httpx
 import pytest
 
 from mms_core.serving.metering import KeyStore
-from mms_core.serving.online.app import ServedModel, create_app
-from mms_core.serving.online.config import ServeConfig
 
 # Fuzzed cases per operation that has parameters or a body (one without any gets one case: there is
 # nothing to vary). The coverage phase adds its own deterministic cases on top (boundary values,
@@ -96,17 +94,10 @@ def _admin_key(path: Path) -> tuple[KeyStore, str]:
 
 
 @pytest.fixture(scope="module")
-def contract_server(dask_client, digits_package, serve_app, tmp_path_factory) -> Iterator[tuple[str, str]]:
+def contract_server(digits_app, serve_app, tmp_path_factory) -> Iterator[tuple[str, str]]:
     """The server as test_online.py starts it, with a key store, so auth paths run; yields (url, token)."""
-    config, weights = digits_package
     keys, token = _admin_key(tmp_path_factory.mktemp("contract") / "metering.db")
-    app = create_app(
-        config=ServeConfig(replicas=2, max_wait_ms=5, health_interval_s=0.3, health_timeout_s=2),
-        model=ServedModel(name="digits", version="1", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=keys,
-        meter=None,
-    )
+    app = digits_app(keys=keys, replicas=2, max_wait_ms=5, health_interval_s=0.3, health_timeout_s=2)
     with serve_app(app) as url:
         yield url, token
 
@@ -224,9 +215,7 @@ def describe(failures: list[dict]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # ~1 min on 2 idle cores; generous for a loaded CI machine
-def test_live_server_honours_its_openapi(
-    contract_server, dask_client, digits_package, digits_rows, serve_app, tmp_path
-):
+def test_live_server_honours_its_openapi(contract_server, digits_app, digits_rows, serve_app, tmp_path):
     url, token = contract_server
     t0 = time.monotonic()
     main = run_schemathesis(
@@ -244,15 +233,8 @@ def test_live_server_honours_its_openapi(
     assert httpx.get(f"{url}/ready").status_code == 200
 
     # The destructive operations, on a server of their own (one replica, no registry to load from).
-    config, weights = digits_package
     keys, admin_token = _admin_key(tmp_path / "admin-metering.db")
-    admin_app = create_app(
-        config=ServeConfig(replicas=1),
-        model=ServedModel(name="digits", version="1", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=keys,
-        meter=None,
-    )
+    admin_app = digits_app(keys=keys, replicas=1)
     with serve_app(admin_app) as admin_url:
         admin = run_schemathesis(
             admin_url, admin_token, tmp_path / "admin", max_examples=50, timeout_s=120,

@@ -16,7 +16,6 @@ import pytest
 
 from mms_core.packaging import Predictor
 from mms_core.serving.metering import KeyStore
-from mms_core.serving.online.app import ServedModel, create_app
 from mms_core.serving.online.config import ServeConfig
 from mms_core.serving.online.server import draining_server
 
@@ -49,15 +48,8 @@ def malformed(row: list[float]) -> dict[str, tuple[bytes, dict[str, str], int]]:
 
 
 @pytest.fixture(scope="module")
-def server(dask_client, digits_package, serve_app):
-    config, weights = digits_package
-    app = create_app(
-        config=ServeConfig(replicas=2, max_wait_ms=5, health_interval_s=0.3, max_body_bytes=32 * 1024 * 1024),
-        model=ServedModel(name="digits", version="1", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=None,
-        meter=None,
-    )
+def server(digits_app, serve_app):
+    app = digits_app(replicas=2, max_wait_ms=5, health_interval_s=0.3, max_body_bytes=32 * 1024 * 1024)
     with serve_app(app) as url:
         yield url
 
@@ -109,16 +101,10 @@ def test_malformed_requests_in_bursts_of_good_traffic_fail_alone(server, digits_
 
 
 def test_a_hung_replica_answers_504_within_the_deadline_and_is_replaced(
-    dask_client, digits_package, digits_rows, serve_app
+    dask_client, digits_app, digits_package, digits_rows, serve_app
 ):
     config, weights = digits_package
-    app = create_app(
-        config=ServeConfig(replicas=2, request_timeout_s=2, health_interval_s=0.3, health_timeout_s=5),
-        model=ServedModel(name="digits", version="3", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=None,
-        meter=None,
-    )
+    app = digits_app(version="3", replicas=2, request_timeout_s=2, health_interval_s=0.3, health_timeout_s=5)
     expected = Predictor(config=config, weights=weights).predict_array(digits_rows[:4]).tolist()
     pids = dask_client.run(os.getpid)
     body = {"inputs": digits_rows[:4].tolist()}
@@ -151,19 +137,9 @@ def test_a_hung_replica_answers_504_within_the_deadline_and_is_replaced(
     assert [(r["queued"], r["inflight"]) for r in after] == [(0, 0), (0, 0)]
 
 
-def test_stop_signal_drains_then_answers_the_rest_503_and_exits(
-    dask_client, digits_package, digits_rows, serve_app
-):
-    config, weights = digits_package
-    serve = ServeConfig(replicas=1, request_timeout_s=60, drain_s=2, health_interval_s=30, port=0)
-    app = create_app(
-        config=serve,
-        model=ServedModel(name="digits", version="4", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=None,
-        meter=None,
-    )
-    server = draining_server(app, config=serve)
+def test_stop_signal_drains_then_answers_the_rest_503_and_exits(dask_client, digits_app, digits_rows):
+    serve = dict(replicas=1, request_timeout_s=60, drain_s=2, health_interval_s=30, port=0)
+    server = draining_server(digits_app(version="4", **serve), config=ServeConfig(**serve))
     loop_ready = threading.Event()
     loops: list[asyncio.AbstractEventLoop] = []
 
@@ -203,14 +179,9 @@ def test_stop_signal_drains_then_answers_the_rest_503_and_exits(
     assert all("shutting down" in r.json()["error"]["message"] for r in answers)
 
 
-def test_request_cap_answers_503_with_retry_after(dask_client, digits_package, digits_rows, serve_app):
-    config, weights = digits_package
-    app = create_app(
-        config=ServeConfig(replicas=1, max_concurrent_requests=2, max_batch_size=1, max_inflight_batches=1),
-        model=ServedModel(name="digits", version="5", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=None,
-        meter=None,
+def test_request_cap_answers_503_with_retry_after(digits_app, digits_rows, serve_app):
+    app = digits_app(
+        version="5", replicas=1, max_concurrent_requests=2, max_batch_size=1, max_inflight_batches=1
     )
     body = {"inputs": np.repeat(digits_rows[:1], 2000, axis=0).tolist()}
     with serve_app(app) as url, httpx.Client(limits=httpx.Limits(max_connections=16), timeout=30) as http:
@@ -226,19 +197,12 @@ def test_request_cap_answers_503_with_retry_after(dask_client, digits_package, d
 
 
 def test_admin_needs_an_admin_key_on_loopback_and_samples_are_admin_only(
-    dask_client, digits_package, digits_rows, serve_app, tmp_path
+    digits_app, digits_rows, serve_app, tmp_path
 ):
-    config, weights = digits_package
     keys = KeyStore(path=tmp_path / "metering.db")
     user, _ = keys.create(tenant="acme")
     admin, _ = keys.create(tenant="ops", admin=True)
-    app = create_app(
-        config=ServeConfig(replicas=1),  # loopback: predictions without a key are fine
-        model=ServedModel(name="digits", version="1", package=config, weights=weights),
-        scheduler_address=dask_client.scheduler.address,
-        keys=keys,
-        meter=None,
-    )
+    app = digits_app(keys=keys, replicas=1)  # loopback: predictions without a key are fine
     as_user, as_admin = ({"Authorization": f"Bearer {k}"} for k in (user, admin))
     with serve_app(app) as url:
         assert httpx.post(f"{url}/invocations", json={"inputs": digits_rows[:3].tolist()}).status_code == 200
@@ -262,3 +226,31 @@ def test_admin_needs_an_admin_key_on_loopback_and_samples_are_admin_only(
         assert rebinding.status_code == 400
         wrong = httpx.get(f"{url}/invocations")
         assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+
+
+def test_quota_is_checked_before_the_body_and_key_misses_leave_the_event_loop(
+    digits_app, digits_rows, serve_app, tmp_path
+):
+    lookups: list[str] = []
+
+    class WatchedKeys(KeyStore):
+        def verify(self, token: str):  # the database read a cache miss costs
+            try:
+                asyncio.get_running_loop()
+                lookups.append("on the event loop")
+            except RuntimeError:
+                lookups.append("off the loop")
+            return super().verify(token)
+
+    keys = WatchedKeys(path=tmp_path / "metering.db")
+    small, _ = keys.create(tenant="small", quota_rows_per_min=5)
+    app = digits_app(keys=keys, replicas=1)
+    headers = {"Authorization": f"Bearer {small}"}
+    with serve_app(app) as url:
+        first = httpx.post(f"{url}/invocations", json={"inputs": digits_rows[:5].tolist()}, headers=headers)
+        garbage = httpx.post(f"{url}/invocations", content=b"{not json", headers={**headers, **JSON})
+    assert first.status_code == 200
+    assert garbage.status_code == 429 and garbage.json()["error"]["code"] == "over_quota"  # not parsed
+    assert int(garbage.headers["Retry-After"]) >= 1
+    # Only cache misses read the database, each on a worker thread, never on the server's loop.
+    assert lookups and set(lookups) == {"off the loop"}, lookups
