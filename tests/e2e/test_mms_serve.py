@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parents[2]
 MMS = str(Path(sys.executable).with_name("mms"))
+DRAIN_S = 5
 
 # Shared helpers of the serving tests (tests/ has no packages: --import-mode=importlib).
 _spec = importlib.util.spec_from_file_location("serving_conftest", REPO / "tests/core/serving/conftest.py")
@@ -28,6 +29,7 @@ _spec.loader.exec_module(serving)
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MMS_", "PREFECT_"))}
     env.update(MMS_HOME=str(home), COLUMNS="200", PYTHONUNBUFFERED="1", MMS_SERVE_METERING_FLUSH_S="60")
+    env.update(MMS_SERVE_DRAIN_S=str(DRAIN_S))
     return env
 
 
@@ -86,14 +88,20 @@ def test_serve_keys_quota_drain_and_usage(tmp_path):
         assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1
         assert over.json()["error"]["code"] == "over_quota"
 
-        # Requests in flight when SIGTERM arrives are answered before the server exits.
+        # Requests in flight when SIGTERM arrives are answered before the server exits; malformed
+        # ones mixed in fail alone.
         results: list[int] = []
+        refused: list[int] = []
+        bad = {"inputs": [[[0.5]] * 64]}  # the right length, but lists for numbers
 
         def load() -> None:
             with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
-                for _ in range(40):
+                for i in range(40):
                     try:
-                        results.append(http.post(predict, json={"inputs": rows}).status_code)
+                        if i % 5 == 4:
+                            refused.append(http.post(predict, json=bad).status_code)
+                        else:
+                            results.append(http.post(predict, json={"inputs": rows}).status_code)
                     except httpx.TransportError:
                         return  # the listener closed: the server stopped taking new requests
 
@@ -102,9 +110,11 @@ def test_serve_keys_quota_drain_and_usage(tmp_path):
             t.start()
         time.sleep(0.5)
         server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         for t in threads:
             t.join(60)
         out, _ = server.communicate(timeout=60)
+        exit_s = time.monotonic() - signalled
         # uvicorn re-raises the signal after its graceful shutdown, as process managers expect.
         assert server.returncode in (0, -signal.SIGTERM), out[-3000:]
         assert "Application shutdown complete" in out
@@ -112,6 +122,9 @@ def test_serve_keys_quota_drain_and_usage(tmp_path):
         if server.poll() is None:
             server.kill()
     assert results and set(results) == {200}, results[:10]
+    assert refused and set(refused) == {422}, refused
+    # The server stops within the drain period; the embedded LocalCluster's close comes on top.
+    assert exit_s < DRAIN_S + 10, exit_s
 
     report = _mms(
         "usage", "--since", datetime.now(UTC).strftime("%Y-%m-%d"), "--price-per-1k-rows", "2", home=home
