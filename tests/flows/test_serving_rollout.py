@@ -83,6 +83,11 @@ class Load:
             t.join(30)
 
 
+def _spec(url: str, admin_key: str, **gate: float) -> RolloutSpec:
+    """A 30% canary judged over 2 s by ``gate``, driven with the admin key the admin API needs."""
+    return RolloutSpec(server_url=url, model=NAME, canary_share=0.3, window_s=2, api_key=admin_key, **gate)
+
+
 def _mlflow_decisions(tracking: str) -> list[str]:
     client = registry.client(tracking_uri=tracking)
     exp = client.get_experiment_by_name("serving-rollouts")
@@ -93,15 +98,7 @@ def test_good_version_is_promoted_without_a_failed_request(served):
     from flows.serving_rollout import serving_rollout
 
     url, tracking, v1, v2, admin = served
-    spec = RolloutSpec(
-        server_url=url,
-        model=NAME,
-        canary_share=0.3,
-        window_s=2,
-        min_requests=10,
-        max_p95_ms=5000,
-        api_key=admin,
-    )
+    spec = _spec(url, admin, min_requests=10, max_p95_ms=5000)
     with Load(url) as load:
         decision = serving_rollout(spec=spec)
         after = len(load.results)
@@ -123,15 +120,7 @@ def test_version_failing_the_gate_is_rolled_back_without_a_failed_request(served
 
     url, tracking, v1, v2, admin = served
     # A p95 limit no real request can meet: the canary must fail the gate.
-    spec = RolloutSpec(
-        server_url=url,
-        model=NAME,
-        canary_share=0.3,
-        window_s=2,
-        min_requests=5,
-        max_p95_ms=0.001,
-        api_key=admin,
-    )
+    spec = _spec(url, admin, min_requests=5, max_p95_ms=0.001)
     with Load(url) as load:
         decision = serving_rollout(spec=spec)
     assert decision.decision == "rolled_back"
