@@ -209,19 +209,78 @@ def mixed_traffic(lines: list[dict], command: str) -> list[str]:
     return out
 
 
+def revision_ab(lines: list[dict], command: str) -> list[str]:
+    """Ours against an earlier revision's server, same run, alternating pairs: per-pair ratios."""
+    m = next((x for x in lines if x.get("summary") == "revision_ab"), None)
+    if m is None:
+        return ["Against an earlier revision: not measured in this run (its data predates it)."]
+    rev = f"`{m['rev_commit'] or m['rev']}`"
+    subject = (m.get("rev_subject") or "").replace("|", "\\|")
+    ours, theirs, goals = m["ours_figures"], m["rev_figures"], m["goals"]
+
+    def figures(f: dict) -> str:
+        return f"{num(f['p50_ms'], 2)} / {num(f['p99_ms'], 2)} / {num(f['rps'])}"
+
+    row = (
+        f"ours ({m.get('ours_head') or 'working tree'}) vs {rev}" + (f": {subject}" if subject else ""),
+        f"{m['pairs']} x {num(m.get('duration_s'), 1)} s",
+        figures(ours),
+        figures(theirs),
+        f"**{_ratio(m, 'p50_ratio')}**",
+        _ratio(m, "p99_ratio"),
+        f"**{_ratio(m, 'rps_ratio')}**",
+        verdict(m["meets_goal"]),
+    )
+    out = table(
+        [
+            "digits MLP, batching 64, `/v1/.../predict`",
+            "pairs x window",
+            "ours: p50 / p99 ms (1 client) / rps (32 clients)",
+            f"{rev}: same",
+            "p50 ours / REV (median, range)",
+            "p99 ours / REV",
+            "rps at 32 clients ours / REV",
+            f"goal: p50 <= {goals['p50_ratio']:g}x, rps >= {goals['rps_ratio']:g}x",
+        ],
+        [row],
+    )
+    non_200 = "; ".join(f"{side}: {_counts(c)}" for side, c in m["non_200"].items() if c)
+    out += [
+        "",
+        f"`{command}`, {m.get('machine', 'machine not recorded')}, {m.get('date', '?')}: both servers "
+        f"up at once, each on its own fresh home; {rev}'s is its own `bench/serving.py` from a `git "
+        "archive` of it (same virtual env); pairs alternate (REV then ours, ours then REV, ...), each "
+        "side 1 client then 32; the ratios are per pair, the median with the range. The goal also needs "
+        "every pair measured and ours answering only 200s."
+        + (f" Non-200 answers: {non_200}." if non_200 else ""),
+    ]
+    if m.get("failed"):
+        out += ["", "What failed: " + "; ".join(m["failed"]) + "."]
+    return out
+
+
 def serving(ctx: Context) -> list[str]:
-    """Added latency, requests/s per core, batching gain, /invocations vs MLflow, mixed traffic."""
+    """Added latency, requests/s per core, batching gain, /invocations vs MLflow, mixed traffic, and
+    ours against an earlier revision."""
     lines = ctx.lines("serving")
     env = next((x for x in lines if x.get("measure") == "env"), {})
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
     out = [f"Versions: {versions}." if versions else "", ""]
     mixed = ["Mixed traffic: good requests with malformed ones among them, against clean traffic:", ""]
     mixed += mixed_traffic(lines, ctx.command("serving"))
-    if not any(x.get("measure") == "direct" for x in lines):  # `--mixed-only`: that table alone
-        return [*out, "Only the mixed-traffic measurement is in this data (`--mixed-only`).", "", *mixed]
+    revision = ["Against an earlier revision of the server, measured in the same run:", ""]
+    revision += revision_ab(lines, ctx.command("serving"))
+    if not any(x.get("measure") == "direct" for x in lines):  # `--mixed-only`, `--revision-only`
+        has_mixed = any(x.get("summary") == "mixed_traffic" for x in lines)
+        if not any(x.get("summary") == "revision_ab" for x in lines):
+            return [*out, "Only the mixed-traffic measurement is in this data (`--mixed-only`).", "", *mixed]
+        if not has_mixed:
+            return [*out, "Only the revision A/B is in this data (`--revision-only`).", "", *revision]
+        return [*out, "Only the mixed-traffic and revision measurements are in this data.", "", *mixed, "",
+                *revision]  # fmt: skip
     out += added_latency(lines) + [""] + per_core(lines)
     out += ["", "Dynamic batching gain at equal p99 (highest rps among the load levels within the SLO):", ""]
     out += batching(lines)
     out += ["", "Our `/invocations` vs `mlflow models serve`, same model, load generator and body:", ""]
     out += vs_mlflow(lines)
-    return [*out, "", *mixed]
+    return [*out, "", *mixed, "", *revision]

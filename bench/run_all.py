@@ -83,7 +83,8 @@ BENCHES = (
     Bench("comm_bytes", "bench.comm_bytes", quick=("--epochs", "1"), captures_stdout=False, fresh=True),
     # full: 3 seeds x full lr grids (~4.5 min); quick: 1 seed, 2 rates per setting
     Bench("fedavg_table", "bench.fedavg_table", quick=("--quick",)),
-    # full: 7 load levels, 2 s each, MLflow -w 1 and -w 2, the CLI (~4 min); quick: 3 levels, 1 s
+    # full: 7 load levels, 2 s each, MLflow -w 1 and -w 2, the CLI (~4 min); quick: 3 levels, 1 s;
+    # then ours vs dc58bb3's server, alternating pairs (full: 8 x 2 s, ~2.5 min; quick: 4 x 1 s, ~1 min)
     Bench("serving", "bench.serving", quick=("--quick",)),
     # GPT on CPU at tiny size, both sizes (~1 min): checks plain, run_ddp and `mms run` agree. The
     # 124M GPU figure comes from the device tool (gpt_throughput.py's docstring), never from here.

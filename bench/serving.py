@@ -2,10 +2,11 @@
 ``/invocations`` against ``mlflow models serve``, all measured in one run.
 
     python -m bench.serving [--quick] [--plot-only] [--mixed-only [--mixed-pairs N --mixed-duration S]]
+        [--against REV] [--revision-only] [--revision-pairs N] [--revision-duration S]
 
 Each server is its own process on a temporary MMS_HOME whose SQLite MLflow store holds the
 registered models: ours is what ``mms serve --model NAME@champion`` runs (LocalCluster of 2
-worker processes x 1 thread, 2 replicas, uvicorn; see ``serve_mms`` for the one difference),
+worker processes x 1 thread, 2 replicas, uvicorn; ``serve_mms`` says what it leaves out),
 MLflow's is ``mlflow models serve -m models:/digits-classifier/1 --env-manager local``. The load
 comes from ``bench._loadgen`` in another process (closed loop, keep-alive, 1 row per request).
 Baselines are measured in the same run: the model called in-process (``Predictor.predict_array``
@@ -26,6 +27,22 @@ requests' rps and p99 (goals >= 0.9 and <= 1.5), with their range. A good reques
 it got 200 with the prediction the model gives in this process; the malformed ones' answers are
 counted by status (4xx expected; 5xx, timeouts and dropped connections fail the goal).
 ``--mixed-only`` runs just this (and prints, as always, to stdout only).
+
+Against an earlier revision (``--against REV``, default ``dc58bb3``): absolute figures move a lot
+between days on a shared box, so "the figures do not fall" after a change of the server is checked
+as a ratio against the previous code measured in the same run. ``dc58bb3`` is the last commit
+before mms_core/serving/ was split into online/, offline/ and metering/ (2dc97a6) and the online
+server restructured (c57d0ad and after): the change this comparison is for.
+REV's tracked files are exported with ``git archive`` into a temporary directory; its server is
+REV's own ``bench/serving.py --serve`` (REV's tree first on PYTHONPATH and as the working
+directory, this virtual env), ours is this working tree's ``serve_mms``; each on its own fresh
+MMS_HOME holding the digits MLP registered by this file's ``register_models``, batching 64. Both
+are up at once, primed, then measured in N alternating pairs (REV then ours, ours then REV, ...),
+each side one load generator: 1 client (p50, p99) then 32 clients (rps), the body and path of the
+added-latency and per-core figures. The figures are the medians of the per-pair ratios ours/REV
+with their range; goals: p50 <= 1.1x and rps >= 0.9x, all pairs measured, ours answering only
+200s. It runs last, after every other server has stopped, and a failure is recorded
+(``revision_error``, failed pairs), never raised; ``--revision-only`` runs just this.
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ import numpy as np
 from bench._loadgen import KINDS
 
 HERE = Path(__file__).parent
+REPO = HERE.parent
 DATA = HERE / "data" / "serving.jsonl"
 PNG = HERE / "serving.png"
 BIN = Path(sys.executable).parent
@@ -61,6 +79,9 @@ SLO_MS = (25, 50, 100, 200)
 HEADLINE_SLO_MS = 50
 MIXED_CLIENTS, BAD_FRACTION, REQUEST_TIMEOUT_S = 16, 0.05, 5.0
 MIXED_GOALS = {"rps_ratio": 0.9, "p99_ratio": 1.5, "server_errors": 0}
+DEFAULT_REV = "dc58bb3"  # the last commit before the restructure of mms_core/serving/online/
+REVISION_CLIENTS = (1, 32)  # p50 and p99 at 1 client, rps at 32
+REVISION_GOALS = {"p50_ratio": 1.1, "rps_ratio": 0.9}
 
 
 def emit(**fields: object) -> dict:
@@ -100,8 +121,8 @@ def make_package(name: str):
     return config, st_save({k: v.contiguous() for k, v in model.state_dict().items()})
 
 
-def register_models(*, home: Path) -> str:
-    """Register both models (version 1, alias champion) in a fresh store; returns its URI."""
+def register_models(*, home: Path, names: tuple[str, ...] = (TINY, HEAVY)) -> str:
+    """Register the models (version 1, alias champion) in a fresh store; returns its URI."""
     import pandas as pd
     from sklearn.datasets import load_digits
 
@@ -110,7 +131,7 @@ def register_models(*, home: Path) -> str:
     uri = f"sqlite:///{home / 'mlflow.db'}"
     exp = registry.ensure_experiment(tracking_uri=uri, name="bench", artifact_root=(home / "art").as_uri())
     example = pd.DataFrame(load_digits().data[:3].astype(np.float32), columns=FEATURES)
-    for name in (TINY, HEAVY):
+    for name in names:
         config, weights = make_package(name)
         run_id = registry.start_run(tracking_uri=uri, experiment_id=exp, run_name=name, tags={}, params={})
         version = registry.register_package(
@@ -155,17 +176,20 @@ def expected_predictions(*, tracking_uri: str, name: str, row: np.ndarray) -> li
 
 # ---- servers (child processes) ---------------------------------------------------------------
 def serve_mms(*, model: str, port: int) -> None:
-    """What ``mms serve --model MODEL@champion --port PORT`` runs (mms_cli/serving.py)."""
-    from infra.cluster import dask_client
+    """What ``mms serve --model MODEL@champion --port PORT`` runs (mms_cli/serving.py): the
+    scheduler's address with no Dask client of our own (the server's runtime opens the one), passed
+    to ``build_server``. Left out: the CLI's look for a running ``mms stack`` (a fresh MMS_HOME has
+    none), its messages and its exit status."""
+    from infra.cluster import dask_scheduler
     from mms_core.config import Settings
     from mms_core.serving.online.config import ServeConfig
     from mms_core.serving.online.server import build_server, serve_forever
 
     settings = Settings()
-    with dask_client(settings) as client:
+    with dask_scheduler(settings) as address:
         server = build_server(
             config=ServeConfig(port=port), model=f"{model}@champion", tracking_uri=settings.tracking_uri,
-            scheduler_address=client.scheduler.address, home=settings.home,
+            scheduler_address=address, home=settings.home,
         )  # fmt: skip
         serve_forever(server)
 
@@ -225,19 +249,33 @@ class Bench:
             self.bodies[name] = self.tmp / f"{name}.json"
             self.bodies[name].write_text(json.dumps(body))
 
+    def env(self, *, home: Path | None = None, tree: Path = REPO, max_batch_size: int | None = None) -> dict:
+        """A server's environment: nothing of ours but MMS_HOME (``home``, default the run's) and
+        the batch size; another revision's ``tree`` first on PYTHONPATH (before the editable install)."""
+        home = home or self.home
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MMS_", "PREFECT_", "MLFLOW_"))}
+        # `mlflow models serve` execs `uvicorn` from PATH: this venv's bin first, as activating it does.
+        env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MMS_HOME=str(home), PYTHONUNBUFFERED="1",
+                   MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")  # fmt: skip
+        if max_batch_size is not None:
+            env["MMS_SERVE_MAX_BATCH_SIZE"] = str(max_batch_size)
+        if tree != REPO:
+            env["PYTHONPATH"] = str(tree)
+        return env
+
     @contextlib.contextmanager
     def server(self, kind: str, *, model: str = TINY, max_batch_size: int | None = None, workers: int = 1,
-               name: str) -> Iterator[tuple[int, int]]:  # fmt: skip
-        """Start one server process (``kind``: mms, shipped, inprocess, mlflow); yield (port, pid)."""
+               name: str, home: Path | None = None, tree: Path = REPO,
+               ) -> Iterator[tuple[int, int]]:  # fmt: skip
+        """Start one server process (``kind``: mms, shipped, inprocess, mlflow) from ``tree`` (as its
+        working directory) on ``home``; yield (port, pid). Stopped on exit with SIGTERM, then its
+        remaining process tree killed (the Dask workers of a server that did not exit in time)."""
+        import psutil
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MMS_", "PREFECT_", "MLFLOW_"))}
-        # `mlflow models serve` execs `uvicorn` from PATH: this venv's bin first, as activating it does.
-        env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MMS_HOME=str(self.home), PYTHONUNBUFFERED="1",
-                   MLFLOW_TRACKING_URI=f"sqlite:///{self.home}/mlflow.db")  # fmt: skip
-        if max_batch_size is not None:
-            env["MMS_SERVE_MAX_BATCH_SIZE"] = str(max_batch_size)
+        env = self.env(home=home, tree=tree, max_batch_size=max_batch_size)
         argv, ready = {
             "mms": ([sys.executable, "-m", "bench.serving", "--serve", model], "/ready"),
             "shipped": ([str(BIN / "mms"), "serve", "--model", f"{model}@champion"], "/ready"),
@@ -245,11 +283,11 @@ class Bench:
             "mlflow": ([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{model}/1", "--env-manager",
                         "local", "--host", "127.0.0.1", "-w", str(workers), "-p"], "/ping"),
         }[kind]  # fmt: skip
-        log = self.tmp / f"{name}.log"
+        log = self.tmp / f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in name)}.log"
         t0 = time.perf_counter()
         argv += [str(port)] if kind == "mlflow" else ["--port", str(port)]
         with log.open("wb") as sink:
-            proc = subprocess.Popen(argv, cwd=HERE.parent, env=env, stdout=sink, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
             while True:
                 with contextlib.suppress(OSError):
@@ -268,12 +306,19 @@ class Bench:
             )
             yield port, proc.pid
         finally:
+            children: list[psutil.Process] = []
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            _, alive = psutil.wait_procs(children, timeout=10)
+            for child in alive:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
 
     def sweep(self, port_pid: tuple[int, int], *, server: str, model: str = TINY, max_batch_size: int | None,
               endpoint: str, levels: list[int]) -> None:  # fmt: skip
@@ -329,6 +374,102 @@ class Bench:
                     continue
                 self.out(**fields, **lines[0])
 
+    def revision(self) -> None:
+        """Ours (this working tree) against ``--against REV`` in alternating pairs (module docstring).
+        Never raises an ``Exception``: a failed window is recorded in its pair's line, a failure of
+        the block as a ``revision_error`` line; both servers and the temporary directory (REV's tree,
+        the two homes) are gone when it returns."""
+        from bench.pipeline_walltime import export_baseline
+
+        a, rev = self.args, self.args.against
+        try:
+            with contextlib.ExitStack() as stack:  # unwinds in reverse: servers first, then the files
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mms-bench-rev-")))
+                commit, subject = _git("log", "-1", "--format=%h%n%s", rev, "--").split("\n", 1)
+                head = _git("log", "-1", "--format=%h") + " + working tree"
+                self.out(
+                    measure="revision", against=rev, rev_commit=commit, rev_subject=subject, ours_head=head
+                )
+                tree = export_baseline(rev, tmp / "tree")
+                homes = {side: tmp / f"home-{side}" for side in ("ours", "rev")}
+                for home in homes.values():
+                    home.mkdir()
+                    register_models(home=home, names=(TINY,))
+                _check_code(tree, self.env(home=homes["rev"], tree=tree))
+                servers = {
+                    "ours": stack.enter_context(
+                        self.server("mms", max_batch_size=64, name=f"ours vs {rev}", home=homes["ours"])
+                    ),
+                    "rev": stack.enter_context(
+                        self.server(
+                            "mms", max_batch_size=64, name=f"{rev} vs ours", home=homes["rev"], tree=tree
+                        )
+                    ),
+                }
+                for port_pid in servers.values():  # warm-up, unreported: batch shapes, connections
+                    self.ab_load(port_pid, prime=True)
+                for pair in range(a.revision_pairs):
+                    order = ("rev", "ours") if pair % 2 == 0 else ("ours", "rev")
+                    line: dict = {"measure": "revision_pair", "against": rev, "pair": pair,
+                                  "order": list(order), "duration_s": a.revision_duration}  # fmt: skip
+                    for side in order:
+                        try:
+                            line[side] = self.ab_load(servers[side])
+                        except (subprocess.SubprocessError, ValueError, KeyError) as exc:
+                            stderr = getattr(exc, "stderr", None) or ""
+                            line[side] = {"error": f"{type(exc).__name__}: {exc} {stderr}"[-500:]}
+                    if all("error" not in line[side] for side in order):
+                        line |= pair_ratios(line["ours"], line["rev"])
+                    self.out(**line)
+        except Exception as exc:  # noqa: BLE001 - recorded: the rest of the run's data must survive
+            self.out(measure="revision_error", against=rev, error=f"{type(exc).__name__}: {exc}"[-3000:])
+
+    def ab_load(self, port_pid: tuple[int, int], *, prime: bool = False) -> dict:
+        """One side of a pair: 1 client then 32 on the same load generator (the sweeps' body, path
+        and warm-up); the figures the ratios need. ``prime``: a warm-up at 32 clients, nothing kept."""
+        port, pid = port_pid
+        a = self.args
+        duration = 0.05 if prime else a.revision_duration
+        levels = REVISION_CLIENTS[-1:] if prime else REVISION_CLIENTS
+        warmup = a.prime if prime else a.warmup
+        argv = [sys.executable, "-m", "bench._loadgen", "--port", str(port), "--path",
+                f"/v1/models/{TINY}/predict", "--body", str(self.bodies["inputs"]), "--warmup", str(warmup),
+                "--duration", str(duration), "--concurrency", ",".join(map(str, levels)),
+                "--watch-pid", str(pid)]  # fmt: skip
+        limit = (a.prime + a.warmup + duration) * len(levels) + 120
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True, timeout=limit)
+        if prime:
+            return {}
+        one, many = (json.loads(x) for x in done.stdout.splitlines()[-2:])
+        return {
+            "p50_ms": one["p50_ms"], "p99_ms": one["p99_ms"], "rps_1": one["rps"], "rps": many["rps"],
+            "p50_ms_32": many["p50_ms"], "p99_ms_32": many["p99_ms"], "server_cores_32": many["server_cores"],
+            "non_200": _sum_counts([one["non_200"], many["non_200"]]),
+        }  # fmt: skip
+
+
+def _git(*args: str) -> str:
+    """A read-only git command's output; RuntimeError with git's message if it fails (a bad REV)."""
+    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _check_code(tree: Path, env: dict) -> None:
+    """Raise unless a process started as REV's server is (``env``, ``tree`` as working directory)
+    imports REV's modules, not this tree's editable install."""
+    names = ("bench.serving", "mms_core", "infra")
+    code = f"import importlib.util as u\nfor n in {names!r}:\n    print(u.find_spec(n).origin)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    origins = [Path(o).resolve() for o in done.stdout.splitlines()]
+    if (
+        done.returncode
+        or len(origins) != len(names)
+        or not all(o.is_relative_to(tree.resolve()) for o in origins)
+    ):
+        raise RuntimeError(f"REV's tree would not run its own code: {done.stdout} {done.stderr[-1000:]}")
+
 
 def measure(bench: Bench) -> list[dict]:
     from sklearn.datasets import load_digits
@@ -361,6 +502,7 @@ def measure(bench: Bench) -> list[dict]:
     if a.shipped:
         with bench.server("shipped", max_batch_size=64, name="mms serve (CLI)") as srv:
             bench.sweep(srv, server="mms serve (CLI)", max_batch_size=64, endpoint="predict", levels=[1, 16])
+    bench.revision()  # last: every other server has stopped; it records its failures, never raises
     return bench.lines + summarize(bench.lines)
 
 
@@ -375,6 +517,15 @@ def measure_mixed(bench: Bench) -> list[dict]:
         bench.sweep(srv, server="mms", max_batch_size=64, endpoint="predict", levels=[1, MIXED_CLIENTS])
         bench.mixed(srv, expect=expected_predictions(tracking_uri=uri, name=TINY, row=row))
     return bench.lines + mixed_summary(bench.lines)
+
+
+def measure_revision(bench: Bench) -> list[dict]:
+    """``--revision-only``: ours against ``--against REV``, nothing else."""
+    from sklearn.datasets import load_digits
+
+    bench.write_bodies(load_digits().data[0].astype(np.float32))
+    bench.revision()
+    return bench.lines + revision_summary(bench.lines)
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -441,7 +592,7 @@ def summarize(lines: list[dict]) -> list[dict]:
             ratio_by_concurrency=by_level,
             goal=3.0, meets_goal=o["rps"] / t["rps"] >= 3.0,
         ))  # fmt: skip
-    return out + mixed_summary(lines)
+    return out + mixed_summary(lines) + revision_summary(lines)
 
 
 def _median(xs: list[float]) -> float | None:
@@ -529,6 +680,64 @@ def mixed_summary(lines: list[dict]) -> list[dict]:
     )]  # fmt: skip
 
 
+def pair_ratios(ours: dict, rev: dict) -> dict[str, float | None]:
+    """One pair's ratios ours/REV: 1-client p50 and p99, 32-client rps (None where REV's is 0 or
+    NaN: no answer in its window)."""
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b and np.isfinite(a) and np.isfinite(b) else None
+
+    return {
+        "p50_ratio": ratio(ours["p50_ms"], rev["p50_ms"]),
+        "p99_ratio": ratio(ours["p99_ms"], rev["p99_ms"]),
+        "rps_ratio": ratio(ours["rps"], rev["rps"]),
+    }
+
+
+def revision_summary(lines: list[dict]) -> list[dict]:
+    """The A/B against REV from the ``revision*`` lines (none if there are none): the medians of the
+    per-pair ratios ours/REV with their ranges, each side's median figures, non-200 answers, what
+    failed, and the goals (p50 <= 1.1x, rps >= 0.9x, every pair measured, ours answering only 200s)."""
+    head = next((x for x in lines if x.get("measure") == "revision"), None)
+    pairs = [x for x in lines if x.get("measure") == "revision_pair"]
+    errors = [x for x in lines if x.get("measure") == "revision_error"]
+    if head is None and not pairs and not errors:
+        return []
+    head = head or {}
+    sides = ("ours", "rev")
+    good = [p for p in pairs if all("error" not in p.get(s, {"error": "missing"}) for s in sides)]
+    per_pair = [pair_ratios(p["ours"], p["rev"]) for p in good]
+    ratios: dict = {}
+    for key in ("p50_ratio", "p99_ratio", "rps_ratio"):
+        xs = [r[key] for r in per_pair if r[key] is not None]
+        ratios |= {key: _median(xs), f"{key}_range": [min(xs), max(xs)] if xs else None, f"{key}s": xs}
+    figures = {
+        side: {k: _median([p[side][k] for p in good]) for k in ("p50_ms", "p99_ms", "rps")} for side in sides
+    }
+    non_200 = {side: _sum_counts([p[side]["non_200"] for p in good]) for side in sides}
+    failed = [
+        f"pair {p['pair']} {s}: {p[s]['error'][:200]}"
+        for p in pairs
+        for s in sides
+        if "error" in p.get(s, {})
+    ]
+    failed += [e["error"][-500:] for e in errors]
+    complete = bool(pairs) and not errors and all(len(ratios[f"{k}s"]) == len(pairs) for k in REVISION_GOALS)
+    meets = (
+        complete and ratios["p50_ratio"] <= REVISION_GOALS["p50_ratio"]
+        and ratios["rps_ratio"] >= REVISION_GOALS["rps_ratio"] and not non_200["ours"]
+    )  # fmt: skip
+    rev = head.get("against") or next((x["against"] for x in pairs + errors), None)
+    return [emit(
+        summary="revision_ab", rev=rev, rev_commit=head.get("rev_commit"),
+        rev_subject=head.get("rev_subject"), ours_head=head.get("ours_head"), server="mms", model=TINY,
+        endpoint="predict", payload="inputs", max_batch_size=64, clients=list(REVISION_CLIENTS),
+        pairs=len(pairs), duration_s=pairs[0]["duration_s"] if pairs else None, **ratios,
+        ours_figures=figures["ours"], rev_figures=figures["rev"], non_200=non_200, failed=failed,
+        goals=REVISION_GOALS, meets_goal=bool(meets),
+    )]  # fmt: skip
+
+
 def plot(lines: list[dict]) -> Path:
     """Left: requests/s against p99 over each concurrency sweep; right: latency CDF, 1 client."""
     import matplotlib
@@ -592,6 +801,12 @@ def _env_line(args: argparse.Namespace) -> dict:
     command = "python -m bench.serving" + (" --quick" if args.quick else "")
     if args.mixed_only:
         command += f" --mixed-only --mixed-pairs {args.mixed_pairs} --mixed-duration {args.mixed_duration:g}"
+    if args.revision_only:
+        command += " --revision-only"
+    if args.revision_only or args.against != DEFAULT_REV:
+        command += f" --against {args.against}"
+    if args.revision_only:
+        command += f" --revision-pairs {args.revision_pairs} --revision-duration {args.revision_duration:g}"
     return {"measure": "env", "command": command, "platform": platform.platform(), "versions": found}
 
 
@@ -606,6 +821,13 @@ def main() -> None:
     )
     parser.add_argument("--mixed-pairs", type=int, help="clean/mixed pairs (default: 5; --quick: 3)")
     parser.add_argument("--mixed-duration", type=float, help="seconds per window (default: 2; --quick: 1)")
+    parser.add_argument(
+        "--against", default=DEFAULT_REV, metavar="REV",
+        help=f"the revision whose server ours is compared with (default: {DEFAULT_REV}, see above)",
+    )  # fmt: skip
+    parser.add_argument("--revision-only", action="store_true", help="only the A/B against --against REV")
+    parser.add_argument("--revision-pairs", type=int, help="REV/ours pairs (default: 8; --quick: 4)")
+    parser.add_argument("--revision-duration", type=float, help="seconds per window (default: 2; --quick: 1)")
     parser.add_argument("--serve", metavar="MODEL", help=argparse.SUPPRESS)  # child process: our server
     parser.add_argument("--serve-inprocess", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -623,10 +845,15 @@ def main() -> None:
     args.mlflow_workers, args.shipped = ([1], False) if q else ([1, 2], True)
     args.mixed_pairs = args.mixed_pairs or (3 if q else 5)
     args.mixed_duration = args.mixed_duration or (1.0 if q else 2.0)
+    args.revision_pairs = args.revision_pairs or (4 if q else 8)
+    args.revision_duration = args.revision_duration or (1.0 if q else 2.0)
+    if args.mixed_only and args.revision_only:
+        parser.error("--mixed-only and --revision-only: one at a time")
     env = emit(**_env_line(args))
+    run = measure_mixed if args.mixed_only else measure_revision if args.revision_only else measure
     with tempfile.TemporaryDirectory(prefix="mms-bench-serving-") as tmp:
-        lines = (measure_mixed if args.mixed_only else measure)(Bench(args=args, tmp=Path(tmp)))
-    if not q and not args.mixed_only:
+        lines = run(Bench(args=args, tmp=Path(tmp)))
+    if not q and not args.mixed_only and not args.revision_only:
         plot([env, *lines])
 
 
