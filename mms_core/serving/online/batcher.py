@@ -160,7 +160,14 @@ class Batcher:
                         await asyncio.wait_for(self._wake.wait(), left)
                     continue
             batch = self._next_batch()
-            task = asyncio.create_task(self._send(batch))
+            # Counted in flight here, before the send task first runs: counted there, the loop would
+            # see nothing in flight and send the next sliver at once (no batching, more messages).
+            self._batches += 1
+            number = self._batches
+            self._inflight_started[number] = time.monotonic()
+            self._inflight_items[number] = batch
+            self.inflight_requests += len(batch)
+            task = asyncio.create_task(self._send(number, batch))
             self._sends.add(task)  # the loop holds tasks only weakly
             task.add_done_callback(self._sends.discard)
 
@@ -175,12 +182,7 @@ class Batcher:
             item.batcher = None
         return batch
 
-    async def _send(self, batch: list[Pending]) -> None:
-        self._batches += 1
-        number = self._batches
-        self._inflight_started[number] = time.monotonic()
-        self._inflight_items[number] = batch
-        self.inflight_requests += len(batch)
+    async def _send(self, number: int, batch: list[Pending]) -> None:
         try:
             await self._forward(batch)
         finally:  # whatever happened, the counts go back
