@@ -129,6 +129,17 @@ class Batcher:
         for item in self.take_all() + [p for batch in self._inflight_items.values() for p in batch]:
             item.settle(error=error)
 
+    def expire(self, now: float, error: Callable[[], BaseException]) -> int:
+        """Answer every queued or in-flight request whose deadline is past with ``error()``; the
+        queued ones leave the queue (their slots free at once). Returns how many."""
+        late = [p for p in self.queue if p.deadline <= now]
+        for p in late:
+            self.withdraw(p)
+        late += [p for batch in self._inflight_items.values() for p in batch if p.deadline <= now]
+        for p in late:
+            p.settle(error=error())
+        return len(late)
+
     def oldest_call_s(self) -> float:
         """Seconds the oldest call in flight has run (0 when none)."""
         if not self._inflight_started:

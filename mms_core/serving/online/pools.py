@@ -108,7 +108,8 @@ class Pools:
 
     def in_order(self, first: VersionPool | None) -> list[VersionPool]:
         """``first``, then every other active version (used only when ``first`` has no replica left)."""
-        return ([first] if first else []) + [p for p in self.active() if p is not first]
+        lead = [first] if first is not None and not first.removing else []
+        return lead + [p for p in self.active() if p is not first]
 
     @property
     def ready(self) -> bool:

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -75,6 +76,9 @@ class ReplicaSet:
         self.name, self.config, self.metrics = name, config, metrics
         self._on_lost = on_lost
         self._suspect: dict[str, float] = {}  # worker address -> until when new replicas avoid it
+        # Every batcher that may still hold requests, released replicas' too (a call in flight there
+        # still has requests waiting on it): the router's deadline sweep covers them all.
+        self.batchers: weakref.WeakSet[Batcher] = weakref.WeakSet()
 
     async def spawn(
         self, *, version: str, package: PackageConfig, weights: bytes, worker: str
@@ -106,6 +110,7 @@ class ReplicaSet:
             call=actor.predict, on_lost=lost, observe=observe,
         )  # fmt: skip
         state = ReplicaState(id=rid, version=version, future=future, actor=actor, batcher=batcher)
+        self.batchers.add(batcher)
         batcher.start()
         log.info("replica %s loaded on %s", rid, state.address)
         return state

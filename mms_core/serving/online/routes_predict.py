@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from mms_core.monitoring.stats import StatsSnapshot
 from mms_core.serving.metering import ApiKey
-from mms_core.serving.online.auth import Auth
+from mms_core.serving.online.auth import Auth, bearer
 from mms_core.serving.online.body import read_json
 from mms_core.serving.online.errors import ApiError, error_response, responses
 from mms_core.serving.online.runtime import ServingRuntime
@@ -37,14 +37,16 @@ def predict_routes(runtime: ServingRuntime, auth: Auth) -> APIRouter:
     router = APIRouter(tags=["predict"])
     served = runtime.model.name
     body_doc = {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _body_schema(runtime)}}}
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _body_schema(runtime)}}},
+        "security": [{bearer.scheme_name: []}, {}],  # a key, or none where keys are optional
     }
     documented = {200: {"model": Predictions}, **responses(*PREDICT_ERRORS)}
 
-    async def handle(request: Request, endpoint: str, name: str, key: ApiKey | None) -> Response:
+    async def handle(request: Request, endpoint: str, name: str) -> Response:
         t0 = time.perf_counter()
         version = None
         try:
+            key = await auth.key_of(request)  # not a dependency: see mms_core.serving.online.auth
             with runtime.admitted():
                 if name != served:
                     raise ApiError(
@@ -71,15 +73,15 @@ def predict_routes(runtime: ServingRuntime, auth: Auth) -> APIRouter:
         "/v1/models/{name}/predict", summary="Predict rows with the served model",
         response_model=None, responses=documented, openapi_extra=body_doc,
     )  # fmt: skip
-    async def predict(name: str, request: Request, key: ApiKey | None = Depends(auth.caller)) -> Response:
-        return await handle(request, "predict", name, key)
+    async def predict(name: str, request: Request) -> Response:
+        return await handle(request, "predict", name)
 
     @router.post(
         "/invocations", summary="MLflow scoring protocol (inputs, instances, dataframe_split/records)",
         response_model=None, responses=documented, openapi_extra=body_doc,
     )  # fmt: skip
-    async def invocations(request: Request, key: ApiKey | None = Depends(auth.caller)) -> Response:
-        return await handle(request, "invocations", served, key)
+    async def invocations(request: Request) -> Response:
+        return await handle(request, "invocations", served)
 
     @router.get(
         "/v1/models/{name}/stats", summary="Running input statistics and predicted-class counts",
