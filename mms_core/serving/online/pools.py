@@ -42,9 +42,6 @@ class Pools:
     def __init__(self) -> None:
         self.by_version: dict[str, VersionPool] = {}
 
-    def __contains__(self, version: str) -> bool:
-        return version in self.by_version
-
     def get(self, version: str) -> VersionPool | None:
         return self.by_version.get(version)
 
