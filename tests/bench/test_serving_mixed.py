@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 
 from bench import _loadgen as lg
-from bench import report, serving
+from bench import serving
 
 GOOD = json.dumps({"inputs": [[0.5] * 64]}).encode()
 MACHINE, DATE = "x86_64 2 cpu", "2026-12-03"
@@ -177,43 +176,12 @@ def test_mixed_summary_medians_ranges_and_goal() -> None:
     assert s["failed_windows"] == ["pair 2 mixed: boom"] and s["meets_goal"] is False
 
 
-def serving_lines() -> list[dict]:
-    """A whole run's worth of serving summaries (the figures do not matter here), then mixed."""
-    stamp = {"bench": "serving", "machine": MACHINE, "date": DATE}
-    level = {"concurrency": 16, "rps": 2000.0, "p50_ms": 6.0, "p99_ms": 12.0, "server_cores": 1.3}
-    level |= {"server_main_cores": 0.9, "loadgen_cores": 0.1}
-    return [
-        stamp | {"measure": "env", "command": "python -m bench.serving --quick", "versions": {"torch": "2"}},
-        stamp | {"measure": "direct", "model": "digits-classifier", "p50_ms": 0.03, "p99_ms": 0.06},
-        stamp | {"summary": "added_latency", "server": "mms", "p50_ms": 1.3, "p99_ms": 2.8}
-        | {"added_p50_ms": 1.27, "added_p99_ms": 2.74},
-        stamp | {"summary": "throughput_per_core", **level}
-        | {"rps_per_server_core": 1500, "rps_per_box_core": 1000},
-        stamp | {"summary": "batching_gain", "model": "digits-classifier"}
-        | {"batched": level, "unbatched": level, "ratio": 3.5, "ratio_by_slo": {}, "ratio_at_peak": 3.5},
-        stamp | {"summary": "vs_mlflow", "mlflow": "mlflow-w1", "ours_at_slo": level, "mlflow_at_slo": level}
-        | {"ratio_at_slo": 25.0, "ratio_peak_rps": 25.0, "ratio_by_concurrency": {"1": 7.8}, "goal": 3.0}
-        | {"meets_goal": True},
-    ]  # fmt: skip
-
-
-def render(tmp_path: Path, lines: list[dict]) -> str:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "serving.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = tmp_path / "RESULTS.md"
-    report.main(["--data-dir", str(data), "--out", str(out), "--notes", str(tmp_path / "none.md")])
-    text = out.read_text()
-    start = text.index("## Online serving")
-    return text[start : text.index("\n## ", start + 1)]
-
-
-def test_report_renders_the_mixed_row(tmp_path: Path) -> None:
-    before = render(tmp_path, serving_lines())
+def test_report_renders_the_mixed_row(serving_lines, render_serving) -> None:
+    before = render_serving(serving_lines)
     assert "| **25.0x** |" in before  # the older tables are still there
     assert "Mixed traffic (5% malformed requests): not measured in this run" in before
 
-    text = render(tmp_path, serving_lines() + serving.mixed_summary(mixed_lines()))
+    text = render_serving(serving_lines + serving.mixed_summary(mixed_lines()))
     assert "**Could not tabulate**" not in text and "| **25.0x** |" in text
     row = (
         "| 16 clients, 5% malformed | 3 x 2.0 s | 1,000 / 20.0 | 900 / 25.0 | **0.95x (0.90-1.05)** "
@@ -225,7 +193,7 @@ def test_report_renders_the_mixed_row(tmp_path: Path) -> None:
 
     jam = mixed_lines()
     jam[2] = mixed_line(1, "mixed", 0.0, float("nan"), after_window={"good": {"timeout": 16}})
-    text = render(tmp_path, jam + serving.mixed_summary(jam))  # --mixed-only data: the table alone
+    text = render_serving(jam + serving.mixed_summary(jam))  # --mixed-only data: the table alone
     assert "Only the mixed-traffic measurement is in this data" in text
     assert "| **0.95x (0.00-1.05)** | **1.05x (1.00-1.10), 2 of 3 pairs** |" in text
     assert "| 0 / timeout x 16 | **not met** |" in text

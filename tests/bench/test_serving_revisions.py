@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report, serving
+from bench import serving
 
 MACHINE, DATE = "x86_64 2 cpu", "2026-12-03"
 STAMP = {"bench": "serving", "machine": MACHINE, "date": DATE}
@@ -115,49 +115,19 @@ def test_check_code_wants_the_trees_own_modules(tmp_path: Path) -> None:
 
 
 # ---- the report --------------------------------------------------------------------------------
-def serving_lines() -> list[dict]:
-    """A full run's summaries, enough for the serving section's older tables."""
-    level = {"concurrency": 16, "rps": 2000.0, "p50_ms": 6.0, "p99_ms": 12.0, "server_cores": 1.3}
-    level |= {"server_main_cores": 0.9, "loadgen_cores": 0.1}
-    return [
-        STAMP | {"measure": "env", "command": "python -m bench.serving --quick", "versions": {"torch": "2"}},
-        STAMP | {"measure": "direct", "model": "digits-classifier", "p50_ms": 0.03, "p99_ms": 0.06},
-        STAMP | {"summary": "added_latency", "server": "mms", "p50_ms": 1.3, "p99_ms": 2.8}
-        | {"added_p50_ms": 1.27, "added_p99_ms": 2.74},
-        STAMP | {"summary": "throughput_per_core", **level}
-        | {"rps_per_server_core": 1500, "rps_per_box_core": 1000},
-        STAMP | {"summary": "batching_gain", "model": "digits-classifier"}
-        | {"batched": level, "unbatched": level, "ratio": 3.5, "ratio_by_slo": {}, "ratio_at_peak": 3.5},
-        STAMP | {"summary": "vs_mlflow", "mlflow": "mlflow-w1", "ours_at_slo": level, "mlflow_at_slo": level}
-        | {"ratio_at_slo": 25.0, "ratio_peak_rps": 25.0, "ratio_by_concurrency": {"1": 7.8}, "goal": 3.0}
-        | {"meets_goal": True},
-    ]  # fmt: skip
-
-
-def render(tmp_path: Path, lines: list[dict]) -> str:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "serving.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = tmp_path / "RESULTS.md"
-    report.main(["--data-dir", str(data), "--out", str(out), "--notes", str(tmp_path / "none.md")])
-    text = out.read_text()
-    start = text.index("## Online serving")
-    return text[start : text.index("\n## ", start + 1)]
-
-
 ROW = (
     f"| ours (abc1234 + working tree) vs `dc58bb3`: {SUBJECT} | 4 x 1.0 s | 2.05 / 4.10 / 1,950 "
     "| 2.00 / 4.00 / 2,000 | **1.02x (0.90-1.10)** | 1.02x (0.90-1.10) | **0.97x (0.85-1.05)** | **met** |"
 )
 
 
-def test_report_renders_the_revision_table(tmp_path: Path) -> None:
-    before = render(tmp_path, serving_lines())
+def test_report_renders_the_revision_table(serving_lines, render_serving) -> None:
+    before = render_serving(serving_lines)
     assert "| **25.0x** |" in before
     assert "Against an earlier revision: not measured in this run (its data predates it)." in before
 
-    lines = serving_lines() + revision_lines()
-    text = render(tmp_path, lines + serving.revision_summary(lines))
+    lines = serving_lines + revision_lines()
+    text = render_serving(lines + serving.revision_summary(lines))
     assert "**Could not tabulate**" not in text and "| **25.0x** |" in text
     assert ROW in text
     assert text.index("Mixed traffic (5% malformed") < text.index(ROW)  # after the existing tables
@@ -167,13 +137,13 @@ def test_report_renders_the_revision_table(tmp_path: Path) -> None:
     only = [STAMP | {"measure": "env", "command": "python -m bench.serving --quick --revision-only"}]
     only += revision_lines()
     only[2]["ours"] = {"error": "TimeoutExpired: boom"}
-    text = render(tmp_path, only + serving.revision_summary(only))
+    text = render_serving(only + serving.revision_summary(only))
     assert "Only the revision A/B is in this data (`--revision-only`)." in text
     assert "Mixed traffic" not in text
     assert "| **1.05x (0.90-1.10), 3 of 4 pairs** |" in text and "| **not met** |" in text
     assert "What failed: pair 0 ours: TimeoutExpired: boom." in text
 
     broken = [STAMP | {"measure": "revision_error", "against": "dc58bb3", "error": "RuntimeError: no"}]
-    text = render(tmp_path, serving_lines() + broken + serving.revision_summary(broken))
+    text = render_serving(serving_lines + broken + serving.revision_summary(broken))
     assert "| ours (working tree) vs `dc58bb3` | 0 x - s | - / - / - | - / - / - | **-** |" in text
     assert "What failed: RuntimeError: no." in text

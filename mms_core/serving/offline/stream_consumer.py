@@ -146,12 +146,7 @@ class ConsumerRun:
             return str(exc)
         except Exception as exc:  # nothing a client sends may stop a consumer
             return f"the message cannot be read ({type(exc).__name__}: {exc}); send rows as [[...], ...]"
-        width = len(self.schema.features)
-        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != width:
-            # parse_body may let e.g. a 3-D row through; np.concatenate would then fail the whole batch
-            shape = tuple(x.shape)
-            return f"inputs must be rows of {width} numbers, got shape {shape}; send [[...], ...]"
-        return x
+        return x  # parse_body guarantees float32 [rows, features]: it stacks with the others
 
     def _predict(self, parsed: dict[int, np.ndarray], results: list[dict[str, Any]]) -> None:
         """One forward pass for the micro-batch; should it fail, one per message, so that only the
