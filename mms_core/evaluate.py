@@ -8,11 +8,12 @@ perplexity beside it; its confusion matrix (vocabulary squared) is left empty.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import f1_score
 from torch import nn
 
 
@@ -59,14 +60,44 @@ def evaluate(
     *, model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int = 1024
 ) -> EvalResult:
     """Accuracy, macro-F1 and confusion matrix of ``model`` on (x, y) (language models: see above)."""
+    return evaluate_chunks(model=model, chunks=[(x, y)], n_classes=n_classes, batch_size=batch_size)
+
+
+def evaluate_chunks(
+    *,
+    model: nn.Module,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    n_classes: int,
+    batch_size: int = 1024,
+) -> EvalResult:
+    """Like :func:`evaluate`, over (x, y) chunks read one at a time (a shard's parts): a
+    classifier's memory is one chunk and the confusion matrix, whatever the split's size."""
     if getattr(model, "causal_lm", False):
+        parts = list(chunks)  # a language model's test split is a built-in corpus: small
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return evaluate_lm(model=model, x=x, y=y, batch_size=batch_size)
-    pred = predict_classes(model=model, x=x, batch_size=batch_size)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for x, y in chunks:
+        pred = predict_classes(model=model, x=x, batch_size=batch_size)
+        confusion += np.bincount(
+            np.asarray(y, dtype=np.int64) * n_classes + pred, minlength=n_classes * n_classes
+        ).reshape(n_classes, n_classes)
+    return _from_confusion(confusion)
+
+
+def _from_confusion(confusion: np.ndarray) -> EvalResult:
+    """Accuracy and macro-F1 (classes with no true and no predicted row count as 0, as sklearn's
+    ``zero_division=0``) from the confusion matrix, rows true, columns predicted."""
+    tp = np.diag(confusion).astype(np.float64)
+    fp, fn = confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    rows = int(confusion.sum())
     return EvalResult(
-        accuracy=float(accuracy_score(y, pred)),
-        macro_f1=float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
-        confusion=confusion_matrix(y, pred, labels=list(range(n_classes))).tolist(),
-        rows=len(y),
+        accuracy=float(tp.sum() / rows) if rows else 0.0,
+        macro_f1=float(f1.mean()),
+        confusion=confusion.tolist(),
+        rows=rows,
     )
 
 

@@ -4,6 +4,7 @@ content-addressed Parquet snapshot that later steps read by URI."""
 from __future__ import annotations
 
 import io
+from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -67,13 +68,21 @@ class DataSpec(BaseModel):
 
 
 class IngestResult(BaseModel):
-    """A validated snapshot of the input."""
+    """A validated input: a Parquet snapshot (built-in datasets, ``layout="snapshot"``) or the
+    listing of a file source's Parquet files, read in place (``layout="files"``, a
+    ``table.SourceTable`` as JSON at ``uri``; see ingest_files.py)."""
 
     uri: str
     sha256: str
     rows: int
     features: list[str]
     label: str
+    layout: Literal["snapshot", "files"] = "snapshot"
+
+
+def is_builtin(source: str) -> bool:
+    """A built-in dataset (generated in memory) rather than files at an fsspec URI."""
+    return source.startswith("builtin://")
 
 
 def load_source(*, spec: DataSpec) -> pd.DataFrame:
@@ -82,10 +91,10 @@ def load_source(*, spec: DataSpec) -> pd.DataFrame:
     Raises:
         DataError: unknown built-in, unreadable/empty file, missing label, non-numeric or NaN feature.
     """
-    if spec.source.startswith("builtin://"):
+    if is_builtin(spec.source):
         df = _builtin(spec.source, label=spec.label)
     else:
-        df = _read_table(spec.source, _fsspec_options(spec))
+        df = _read_table(spec.source, fsspec_options(spec))
     check_schema(df, label=spec.label, source=redact_url(spec.source))
     return df
 
@@ -219,7 +228,7 @@ def _pystdlib(params: dict[str, str], *, label: str, source: str) -> pd.DataFram
     return df
 
 
-def _fsspec_options(spec: DataSpec) -> dict[str, str]:
+def fsspec_options(spec: DataSpec) -> dict[str, str]:
     """The real storage options, revealed here, for the fsspec call only.
 
     Raises:

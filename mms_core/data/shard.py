@@ -11,16 +11,18 @@ same input and config give the same manifest and a re-run reuses what is there.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from mms_core import storage
 from mms_core.data.text import TOKEN_VOCAB_ATTR
 from mms_core.errors import CorruptShardError, DataError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1  # the single-file layout of a snapshot
+PARTS_MANIFEST_VERSION = 2  # shards as directories of parts (file sources, see shard_files.py)
 LABEL_COLUMN = "__mms_label__"  # the label's column inside shards; cannot clash with a user feature
 
 
@@ -34,6 +36,19 @@ class ShardSpec(BaseModel):
     test_fraction: float = Field(default=0.15, gt=0, lt=1, description="Share of rows for the test split.")
     seed: int = Field(default=0, description="Seed of the split shuffle.")
     standardize: bool = Field(default=True, description="Scale features with train mean/std.")
+    block_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="File sources: rows per block, the unit each shard's parts are cut by (None: "
+        "derived from the row width, ~64 MiB of float32 a block). Smaller blocks, smaller parts.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_block(self, handler):  # keeps the content address of specs from before the field
+        data = handler(self)
+        if data.get("block_rows") is None:
+            data.pop("block_rows", None)
+        return data
 
     @model_validator(mode="after")
     def _fractions(self) -> ShardSpec:
@@ -42,10 +57,34 @@ class ShardSpec(BaseModel):
         return self
 
 
-class ShardInfo(BaseModel):
+class PartInfo(BaseModel):
+    """One Parquet file of a shard."""
+
     uri: str
     rows: int
     sha256: str
+
+
+class ShardInfo(BaseModel):
+    """A shard: one Parquet file (``parts`` empty, the snapshot path), or a directory of parts, one
+    per block of the source's rows that has rows for this shard (file sources); then ``sha256``
+    is the hash of the parts' hashes in order."""
+
+    uri: str
+    rows: int
+    sha256: str
+    parts: list[PartInfo] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_parts(self, handler):  # single-file manifests read and hash as before
+        data = handler(self)
+        if not data.get("parts"):
+            data.pop("parts", None)
+        return data
+
+    def part_list(self) -> list[PartInfo]:
+        """The shard's parts in order (a single-file shard is its own one part)."""
+        return self.parts or [PartInfo(uri=self.uri, rows=self.rows, sha256=self.sha256)]
 
 
 class Manifest(BaseModel):
@@ -70,9 +109,10 @@ class Manifest(BaseModel):
         return storage.canonical_hash(self.model_dump(mode="json"))
 
 
-def shard_key(*, source_sha256: str, label: str, spec: ShardSpec) -> str:
+def shard_key(*, source_sha256: str, label: str, spec: ShardSpec, version: int = MANIFEST_VERSION) -> str:
+    """Content address of the shards: the input's, the label, the spec and the layout's version."""
     return storage.canonical_hash(
-        {"v": MANIFEST_VERSION, "source": source_sha256, "label": label, "spec": spec.model_dump(mode="json")}
+        {"v": version, "source": source_sha256, "label": label, "spec": spec.model_dump(mode="json")}
     )
 
 
@@ -169,24 +209,41 @@ def load_manifest(uri: str) -> Manifest:
 
 
 def verify(manifest: Manifest) -> None:
-    """Check every shard's checksum; raises CorruptShardError naming the first bad shard."""
+    """Check every part's checksum, one part in memory at a time; raises CorruptShardError naming
+    the first bad one."""
     for info in [*manifest.train, manifest.val, manifest.test]:
-        read_shard(info)
+        for part in info.part_list():
+            read_part(part)
 
 
 def read_shard(info: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Read one shard after checking its sha256; returns (features float32, labels int64)."""
+    """The whole shard in memory (features float32, labels int64), every part's sha256 checked.
+    For small shards only: code that may meet a large one iterates ``iter_shard``."""
+    parts = [read_part(p) for p in info.part_list()]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def iter_shard(info: ShardInfo) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The shard part by part: memory bounded by one part."""
+    for part in info.part_list():
+        yield read_part(part)
+
+
+def read_part(part: PartInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Read one part after checking its sha256; returns (features float32, labels int64)."""
     try:
-        data = storage.read_bytes(info.uri)
+        data = storage.read_bytes(part.uri)
     except FileNotFoundError:
         raise CorruptShardError(
-            f"shard {info.uri} is missing; delete its shard directory and re-run to rebuild it"
+            f"shard part {part.uri} is missing; delete its shard directory and re-run to rebuild it"
         ) from None
     actual = storage.sha256_bytes(data)
-    if actual != info.sha256:
+    if actual != part.sha256:
         raise CorruptShardError(
-            f"shard {info.uri} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
-            f"{info.sha256[:12]}...; delete its shard directory and re-run to rebuild it"
+            f"shard part {part.uri} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
+            f"{part.sha256[:12]}...; delete its shard directory and re-run to rebuild it"
         )
     df = pd.read_parquet(io.BytesIO(data))
     y = df.pop(LABEL_COLUMN).to_numpy(dtype=np.int64)

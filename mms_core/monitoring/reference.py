@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mms_core import registry
-from mms_core.data.shard import Manifest, read_shard
+from mms_core.data.shard import Manifest, iter_shard
 from mms_core.errors import ModelLoadError
 from mms_core.monitoring.stats import RunningStats, StatsSnapshot
 
@@ -25,8 +25,8 @@ def reference_stats(manifest: Manifest) -> StatsSnapshot:
     )
     classes = np.asarray(manifest.classes, dtype=object)
     for shard in manifest.train:
-        x, y = read_shard(shard)
-        stats.update(np.asarray(x) * np.asarray(manifest.std) + np.asarray(manifest.mean), classes[y])
+        for x, y in iter_shard(shard):  # part by part: memory bounded by one part
+            stats.update(np.asarray(x) * np.asarray(manifest.std) + np.asarray(manifest.mean), classes[y])
     return stats.snapshot()
 
 
