@@ -47,6 +47,11 @@ class SourceTable(BaseModel):
     label: str
     features: list[str]
     files: list[SourceFile]
+    copied: bool = Field(
+        default=False,
+        description="The files are ingest's Parquet copies under the storage root (a CSV source): "
+        "read with the root's settings, not the source's storage options.",
+    )
 
     @property
     def rows(self) -> int:
