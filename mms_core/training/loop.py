@@ -2,9 +2,10 @@
 and by torchrun in bench/.
 
 Runs inside an initialised torch.distributed process group (or alone when world_size == 1).
-Each rank reads only its own training shards. How the model is wrapped (DDP, DDP with a
-hierarchical comm hook, FSDP2) and how its state is checkpointed is the strategy's
-``Parallelism``; the loop owns the order of work: resume, train, validate, checkpoint.
+Each rank reads only its own training shards (``mms_core.data.stream``: whole, or streamed
+through a shuffle buffer). How the model is wrapped (DDP, DDP with a hierarchical comm hook,
+FSDP2) and how its state is checkpointed is the strategy's ``Parallelism``; the loop owns the
+order of work: resume, train, validate, checkpoint.
 
 Resume: when ``job.checkpoint_uri`` holds a valid checkpoint (and ``training.resume``), the loop
 restores model, optimizer, schedule position, history and the step within the epoch, so a
@@ -18,11 +19,10 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mms_core import storage
-from mms_core.data.shard import Manifest, load_manifest, read_shard, shards_for_rank
+from mms_core.data.shard import load_manifest
+from mms_core.data.stream import Batch, RankData, ValSet, open_rank_data, steps_per_epoch
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
 from mms_core.training.mfu import mfu
@@ -100,15 +101,6 @@ class Position:
     history: list[EpochMetrics] = field(default_factory=list)
 
 
-def steps_per_epoch(manifest: Manifest, *, world_size: int, batch_size: int) -> int:
-    """Same on every rank (else the all-reduce would hang): the smallest rank's batch count."""
-    rows = [
-        sum(s.rows for s in shards_for_rank(manifest, rank=r, world_size=world_size))
-        for r in range(world_size)
-    ]
-    return max(1, min(math.ceil(n / batch_size) for n in rows))
-
-
 def train_rank(
     *,
     job: TrainJob,
@@ -123,7 +115,7 @@ def train_rank(
     torch.manual_seed(job.train.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     manifest = load_manifest(job.manifest_uri)
-    x, y = _load_rank_data(manifest, rank=rank, world_size=world_size, device=device)
+    data = open_rank_data(manifest=manifest, rank=rank, world_size=world_size, device=device, train=job.train)
     model = build_model(
         spec=job.model, in_features=len(manifest.features), n_classes=len(manifest.classes)
     ).to(device)
@@ -138,7 +130,7 @@ def train_rank(
             emit({"kind": "resume", "step": pos.step, "epoch": pos.epoch, "skip": pos.skip})
     # Under FSDP every forward all-gathers, so every rank must take part in validation.
     validates = rank == 0 or getattr(parallel, "collective_forward", False)
-    val = _to_device(read_shard(manifest.val), device) if validates else None
+    val = ValSet(info=manifest.val, device=device) if validates else None
     ctx = _EpochContext(job=job, rank=rank, world_size=world_size, n_steps=n_steps, emit=emit)
 
     t_start = time.perf_counter()
@@ -150,7 +142,7 @@ def train_rank(
             net=net,
             optimizer=optimizer,
             scheduler=scheduler,
-            data=(x, y),
+            data=data,
             epoch=epoch,
             skip=skip,
             step=pos.step,
@@ -239,24 +231,13 @@ def _finish(
     return result
 
 
-def _load_rank_data(
-    manifest: Manifest, *, rank: int, world_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [read_shard(s) for s in shards_for_rank(manifest, rank=rank, world_size=world_size)]
-    return _to_device((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), device)
-
-
-def _to_device(xy: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor(xy[0], device=device), torch.tensor(xy[1], device=device)
-
-
 def _train_epoch(
     ctx: _EpochContext,
     *,
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: RankData,
     epoch: int,
     skip: int,
     step: int,
@@ -265,20 +246,17 @@ def _train_epoch(
     """Steps ``skip..n_steps`` of one pass over this rank's rows; returns (sum of loss*n, correct, n)
     and the new global step. Checkpoints every ``checkpoint_every`` steps (not at the epoch's last
     step: the caller writes the end-of-epoch checkpoint)."""
-    x, y = data
-    job, batch, every = ctx.job, ctx.job.train.batch_size, ctx.job.train.checkpoint_every
+    job, every, device = ctx.job, ctx.job.train.checkpoint_every, data.device
     net.train()
-    gen = torch.Generator().manual_seed(job.train.seed * 100_003 + epoch * 1_009 + ctx.rank)
-    perm = torch.randperm(len(x), generator=gen).to(x.device)
     # Loss and correct counts accumulate on the device: no host sync per step (matters on GPUs).
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    for i in range(skip, ctx.n_steps):
-        seed_dropout(job.train.seed * 1_000_003 + step * 131 + ctx.rank, device=x.device)
-        idx = perm[i * batch : (i + 1) * batch]
-        with _autocast(x.device, job.train.precision):
-            loss, correct, count = forward_loss(net, x[idx], y[idx])
+    batches = data.batches(epoch=epoch, skip=skip, n_steps=ctx.n_steps)
+    for i, (x, y) in enumerate(batches, start=skip):
+        seed_dropout(job.train.seed * 1_000_003 + step * 131 + ctx.rank, device=device)
+        with _autocast(device, job.train.precision):
+            loss, correct, count = forward_loss(net, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -293,7 +271,7 @@ def _train_epoch(
             ctx.emit({"kind": "progress", "step": step, "epoch": epoch})
             ctx.last_report = time.monotonic()
     return torch.stack(
-        [loss_sum, correct_sum, torch.tensor(float(seen), device=x.device, dtype=torch.float64)]
+        [loss_sum, correct_sum, torch.tensor(float(seen), device=device, dtype=torch.float64)]
     ), step
 
 
@@ -326,7 +304,7 @@ def forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 def _epoch_metrics(
     model: nn.Module,
-    val: tuple[torch.Tensor, torch.Tensor],
+    val: ValSet,
     totals: torch.Tensor,
     *,
     epoch: int,
@@ -337,7 +315,7 @@ def _epoch_metrics(
     per_s = float(totals[2]) / (time.perf_counter() - t0)  # before validating: training time only
     lm = getattr(model, "causal_lm", False)
     # LM logits are (rows, vocab, seq) floats: a token budget per validation batch bounds their memory.
-    val_loss, val_acc = evaluate_batches(model, *val, batch=max(1, 2**14 // val[0].shape[1]) if lm else 4096)
+    val_loss, val_acc = evaluate_chunks(model, val.chunks(), tokens=2**14 if lm else None)
     n = max(float(totals[2]), 1.0)
     devices = dist.get_world_size() if dist.is_initialized() else 1
     return EpochMetrics(
@@ -355,15 +333,19 @@ def _epoch_metrics(
 
 
 @torch.no_grad()
-def evaluate_batches(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int = 4096
+def evaluate_chunks(
+    model: nn.Module, chunks: Iterable[Batch], *, batch: int = 4096, tokens: int | None = None
 ) -> tuple[float, float]:
-    """Mean loss and accuracy over (x, y), in batches of ``batch`` rows."""
+    """Mean loss and accuracy over the rows of all ``chunks`` (e.g. a shard's parts, one in memory
+    at a time; sums run over all of them), each cut into batches of ``batch`` rows, or with
+    ``tokens`` of ``max(1, tokens // row width)`` rows."""
     model.eval()
     loss_sum, correct, count = 0.0, 0.0, 0
-    for i in range(0, len(x), batch):
-        loss, c, n = forward_loss(model, x[i : i + batch], y[i : i + batch])
-        loss_sum, correct, count = loss_sum + loss.item() * n, correct + float(c), count + n
+    for x, y in chunks:
+        rows = batch if tokens is None else max(1, tokens // x.shape[1])
+        for i in range(0, len(x), rows):
+            loss, c, n = forward_loss(model, x[i : i + rows], y[i : i + rows])
+            loss_sum, correct, count = loss_sum + loss.item() * n, correct + float(c), count + n
     model.train()
     return loss_sum / max(count, 1), correct / max(count, 1)
 

@@ -35,7 +35,8 @@ from distributed import Client
 from torch import nn
 
 from mms_core import storage
-from mms_core.data.shard import load_manifest, read_shard
+from mms_core.data.shard import load_manifest
+from mms_core.data.stream import ValSet
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
@@ -47,9 +48,9 @@ from mms_core.training.launch import (
     looks_like_lost_peer,
     worker_addresses,
 )
-from mms_core.training.loop import evaluate_batches, make_optimizer, params_sha256, steps_per_epoch
+from mms_core.training.loop import evaluate_chunks, make_optimizer, params_sha256, steps_per_epoch
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
-from mms_core.training.param_server_worker import ParamLayout, as_tensor, plan_shards, run_worker
+from mms_core.training.param_server_worker import ParamLayout, plan_shards, run_worker
 from mms_core.training.spec import EpochMetrics, RankResult, TrainJob
 
 OnEvent = Callable[[dict[str, Any]], None]
@@ -293,7 +294,7 @@ class _Follower:
     def __init__(self, run: _Run, *, shards: list[Any], watch: _Watch) -> None:
         self.run, self.shards, self.watch = run, shards, watch
         manifest = load_manifest(run.job.manifest_uri)
-        self.val = tuple(as_tensor(a) for a in read_shard(manifest.val))
+        self.val = ValSet(info=manifest.val, device=torch.device("cpu"))  # streamed when it has parts
         self.t_epoch = time.perf_counter()
 
     def mark(self, clock: int, progress: _Progress) -> None:
@@ -321,7 +322,7 @@ class _Follower:
         reports = self.watch.wait([self.shards[0].reports(epoch=epoch)])[0].values()
         rows = sum(r["count"] for r in reports)
         hist = sum((Counter({int(k): v for k, v in r["staleness"].items()}) for r in reports), Counter())
-        val_loss, val_acc = evaluate_batches(self.run.model, *self.val)
+        val_loss, val_acc = evaluate_chunks(self.run.model, self.val.chunks())
         now = time.perf_counter()
         m = EpochMetrics(
             epoch=epoch,

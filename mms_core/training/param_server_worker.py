@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mms_core.data.shard import load_manifest, read_shard, shards_for_rank
+from mms_core.data.shard import load_manifest
+from mms_core.data.stream import RankData, open_rank_data
+from mms_core.data.stream import epoch_order as epoch_order  # re-exported: the order's old home
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
 from mms_core.training.loop import forward_loss, seed_dropout
@@ -113,12 +115,6 @@ def plan_shards(*, model: nn.Module, shards: int) -> ParamLayout:
     )
 
 
-def epoch_order(*, n_rows: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
-    """The order a rank visits its rows in an epoch: the DDP loop's, so the two are comparable."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + rank)
-    return torch.randperm(n_rows, generator=gen)
-
-
 def run_worker(
     job: TrainJob, *, rank: int, plan: ServerPlan, layout: ParamLayout, shards: list[Any], start_clock: int
 ) -> dict[str, Any]:
@@ -132,15 +128,14 @@ def run_worker(
         The rank's totals: steps, rows, seconds and its staleness histogram.
     """
     torch.set_num_threads(job.num_threads)
-    model, (x, y) = _setup_rank(job, rank=rank, world_size=plan.world_size)
+    model, data = _setup_rank(job, rank=rank, world_size=plan.world_size)
     t0, total, tally = time.perf_counter(), _Tally(), _Tally()
     pulled = [f.result() for f in [s.pull(clock=start_clock) for s in shards]]
-    batch, spe = job.train.batch_size, plan.steps_per_epoch
+    spe = plan.steps_per_epoch
     for clock in range(start_clock, plan.total_clocks):
         epoch, i = clock // spe + 1, clock % spe
-        if i == 0 or clock == start_clock:
-            order = epoch_order(n_rows=len(x), seed=job.train.seed, epoch=epoch, rank=rank).to(x.device)
-        idx = order[i * batch : (i + 1) * batch]
+        if i == 0 or clock == start_clock:  # the DDP loop's batches, so the two are comparable
+            batches = data.batches(epoch=epoch, skip=i, n_steps=spe)
         grads = _gradient(
             job,
             rank=rank,
@@ -148,7 +143,7 @@ def run_worker(
             model=model,
             layout=layout,
             pulled=pulled,
-            batch=(x[idx], y[idx]),
+            batch=next(batches),
             tally=tally,
         )
         then = clock + 1 if clock + 1 < plan.total_clocks else None
@@ -172,18 +167,15 @@ def run_worker(
     }
 
 
-def _setup_rank(
-    job: TrainJob, *, rank: int, world_size: int
-) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The model (its parameters are overwritten by every pull) and this rank's rows, on the device."""
+def _setup_rank(job: TrainJob, *, rank: int, world_size: int) -> tuple[nn.Module, RankData]:
+    """The model (its parameters are overwritten by every pull) and this rank's rows (whole on the
+    device, or streamed: see mms_core.data.stream)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     manifest = load_manifest(job.manifest_uri)
-    parts = [read_shard(s) for s in shards_for_rank(manifest, rank=rank, world_size=world_size)]
-    x = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(device)
-    y = torch.from_numpy(np.concatenate([p[1] for p in parts])).to(device)
+    data = open_rank_data(manifest=manifest, rank=rank, world_size=world_size, device=device, train=job.train)
     torch.manual_seed(job.train.seed)  # buffers (never pushed) start as on the driver
-    model = build_model(spec=job.model, in_features=x.shape[1], n_classes=len(manifest.classes))
-    return model.to(device).train(), (x, y)
+    model = build_model(spec=job.model, in_features=len(manifest.features), n_classes=len(manifest.classes))
+    return model.to(device).train(), data
 
 
 def _gradient(

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mms_core import storage
 from mms_core.models import ModelSpec
 
+SHUFFLE_BUFFER_ROWS = 262_144  # 64 MiB of 64 float32 features: a window's rows
+
 
 class FedAvgSpec(BaseModel):
     """Federated averaging (McMahan et al. 2017): the `training.fedavg:` section.
@@ -140,6 +142,13 @@ class TrainSpec(BaseModel):
     max_restarts: int = Field(
         default=2, ge=0, description="Times a run restarts from its last checkpoint after losing a worker."
     )
+    shuffle_buffer_rows: int = Field(
+        default=SHUFFLE_BUFFER_ROWS,
+        ge=1,
+        description="File sources (shards of parts): rows a rank shuffles together, a window of whole "
+        "parts; bounds the rank's memory for its data (about two windows with prefetch). Ignored for "
+        "built-in datasets, whose shards are held whole.",
+    )
     world_size: int | None = Field(default=None, ge=1, description="Ranks to use; default all Dask workers.")
     timeout_s: float = Field(default=300, gt=0, description="Process-group init/collective timeout.")
     fedavg: FedAvgSpec = Field(default_factory=FedAvgSpec, description="Settings of strategy 'fedavg'.")
@@ -155,8 +164,12 @@ class TrainSpec(BaseModel):
 def checkpoint_key(*, manifest_hash: str, model: ModelSpec, train: TrainSpec) -> str:
     """Names a run's checkpoint directory by what determines the training (data, model, settings),
     so a re-run of a crashed run finds and resumes its checkpoints. Settings that only steer
-    recovery are left out."""
-    training = train.model_dump(mode="json", exclude={"resume", "max_restarts", "timeout_s"})
+    recovery are left out, and so is the shuffle buffer at its default: keys of runs from before
+    the field stay as they were (a crashed run resumes after an upgrade)."""
+    left_out = {"resume", "max_restarts", "timeout_s"}
+    if train.shuffle_buffer_rows == SHUFFLE_BUFFER_ROWS:
+        left_out.add("shuffle_buffer_rows")
+    training = train.model_dump(mode="json", exclude=left_out)
     return storage.canonical_hash(
         {"manifest": manifest_hash, "model": model.model_dump(mode="json"), "training": training}
     )[:24]
