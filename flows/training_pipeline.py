@@ -36,9 +36,13 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
     settings = Settings()
     tracking, root = settings.tracking_uri, settings.storage_root
     steps.check_model(spec=spec.model)  # a bad model path fails here, before any work
-    with dask_client_in_background(settings) as cluster:  # starts while ingest and shard run
-        ingested = t.ingest(data=spec.data, root=root)
-        manifest_uri = t.shard_with_cache(ingested=ingested, spec=spec.preprocess, root=root)
+    # The cluster starts while a built-in dataset is generated and sharded; a file source is
+    # ingested and sharded on its workers.
+    with dask_client_in_background(settings) as cluster:
+        ingested = t.ingest(data=spec.data, root=root, cluster=cluster)
+        manifest_uri = t.shard_with_cache(
+            ingested=ingested, spec=spec.preprocess, root=root, cluster=cluster, data=spec.data
+        )
         run_id = t.start_tracking(
             spec=spec, manifest_uri=manifest_uri, tracking_uri=tracking, artifact_root=settings.artifact_root
         )

@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from flows.training_pipeline import PipelineResult, training_pipeline
-from infra.cluster import dask_client
+from infra.cluster import dask_client_in_background
 from mms_core import registry, steps
 from mms_core.config import Settings
 from mms_core.spec import PipelineSpec
@@ -38,15 +38,17 @@ def tuning(
     steps.check_model(spec=spec.model)
     settings = Settings()
     tracking, root = settings.tracking_uri, settings.storage_root
-    ingested = tp.ingest(data=spec.data, root=root)
-    manifest_uri = tp.shard_with_cache(ingested=ingested, spec=spec.preprocess, root=root)
-    run_id = t.start_study_run(
-        spec=spec, tune=tune, tracking_uri=tracking, artifact_root=settings.artifact_root
-    )
-    try:
-        with dask_client(settings) as client:
+    with dask_client_in_background(settings) as cluster:
+        ingested = tp.ingest(data=spec.data, root=root, cluster=cluster)
+        manifest_uri = tp.shard_with_cache(
+            ingested=ingested, spec=spec.preprocess, root=root, cluster=cluster, data=spec.data
+        )
+        run_id = t.start_study_run(
+            spec=spec, tune=tune, tracking_uri=tracking, artifact_root=settings.artifact_root
+        )
+        try:
             study = t.run_trials(
-                client=client,
+                client=cluster.client(),
                 spec=spec,
                 tune=tune,
                 manifest_uri=manifest_uri,
@@ -55,9 +57,9 @@ def tuning(
                 tracking_uri=tracking,
                 parent_run_id=run_id,
             )
-    except BaseException:
-        registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
-        raise
+        except BaseException:
+            registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
+            raise
     registry.end_run(tracking_uri=tracking, run_id=run_id)
     create_markdown_artifact(key="tuning", markdown=report(study), description=f"study {study.study_name}")
     best = best_spec(spec=spec, params=study.best_params) if study.best_number is not None else None

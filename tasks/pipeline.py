@@ -8,8 +8,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from mms_core import registry, steps, storage
-from mms_core.data.ingest import DataSpec, IngestResult
-from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, shard_key
+from mms_core.data.ingest import DataSpec, IngestResult, is_builtin
+from mms_core.data.shard import ShardSpec, load_manifest
 from mms_core.evaluate import EvalResult
 from mms_core.plots import confusion_png, training_curves_png
 from mms_core.secrets import redact_url
@@ -24,8 +24,11 @@ if TYPE_CHECKING:  # the flow owns the cluster; this task only waits for its cli
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NONE)
-def ingest(*, data: DataSpec, root: str) -> IngestResult:
-    result = steps.ingest(spec=data, root=root)
+def ingest(*, data: DataSpec, root: str, cluster: ClusterInBackground | None) -> IngestResult:
+    # A built-in dataset is generated here while the cluster starts (None: built-in data only);
+    # files are read on its workers.
+    client = None if is_builtin(data.source) or cluster is None else cluster.client()
+    result = steps.ingest(spec=data, root=root, client=client)
     get_run_logger().info(
         "ingested %s: %d rows, %d features -> %s",
         redact_url(data.source),
@@ -38,8 +41,7 @@ def ingest(*, data: DataSpec, root: str) -> IngestResult:
 
 def _shard_cache_key(context: Any, params: dict[str, Any]) -> str:
     """Content address of the shards: same input bytes + same config (+ same root) -> same key."""
-    ingested = params["ingested"]
-    key = shard_key(source_sha256=ingested.sha256, label=ingested.label, spec=params["spec"])
+    key = steps.shard_key_of(ingested=params["ingested"], spec=params["spec"])
     return f"shards-{key}-{storage.canonical_hash(params['root'])[:8]}"
 
 
@@ -52,20 +54,24 @@ def _shard_cache_key(context: Any, params: dict[str, Any]) -> str:
     retry_delay_seconds=2,
     retry_condition_fn=transient,
 )
-def shard(*, ingested: IngestResult, spec: ShardSpec, root: str) -> str:
-    uri = preprocess_and_shard(
-        raw_uri=ingested.uri, source_sha256=ingested.sha256, label=ingested.label, spec=spec, root=root
-    )
+def shard(
+    *, ingested: IngestResult, spec: ShardSpec, root: str, cluster: ClusterInBackground | None, data: DataSpec
+) -> str:
+    client = None if ingested.layout == "snapshot" or cluster is None else cluster.client()
+    uri = steps.shard(ingested=ingested, spec=spec, root=root, client=client, data=data)
     get_run_logger().info("shards ready: %s", uri)
     return uri
 
 
-def shard_with_cache(*, ingested: IngestResult, spec: ShardSpec, root: str) -> str:
+def shard_with_cache(
+    *, ingested: IngestResult, spec: ShardSpec, root: str, cluster: ClusterInBackground | None, data: DataSpec
+) -> str:
     """Shard, served from Prefect's cache when the same data and config were sharded before;
     if the cached manifest has since been deleted (retention, a user), rebuild it."""
-    uri = shard(ingested=ingested, spec=spec, root=root)
+    args = dict(ingested=ingested, spec=spec, root=root, cluster=cluster, data=data)
+    uri = shard(**args)
     if not storage.exists(uri):
-        uri = shard.with_options(refresh_cache=True)(ingested=ingested, spec=spec, root=root)
+        uri = shard.with_options(refresh_cache=True)(**args)
     return uri
 
 

@@ -140,8 +140,15 @@ def test_shard_cache_rebuilds_when_cached_shards_were_deleted(mms_home):
 
     @flow
     def shard_only() -> str:
-        ingested = ingest(data=DataSpec(), root=Settings().storage_root)
-        return shard_with_cache(ingested=ingested, spec=ShardSpec(seed=7), root=Settings().storage_root)
+        # a built-in dataset: ingested and sharded in the flow process, no cluster needed
+        ingested = ingest(data=DataSpec(), root=Settings().storage_root, cluster=None)
+        return shard_with_cache(
+            ingested=ingested,
+            spec=ShardSpec(seed=7),
+            root=Settings().storage_root,
+            cluster=None,
+            data=DataSpec(),
+        )
 
     uri = shard_only()
     assert shard_only() == uri  # served from the cache
