@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mms_core import storage
+from mms_core.data.blocks import Block, BlockReader
 from mms_core.data.shard import (
     LABEL_COLUMN,
     PARTS_MANIFEST_VERSION,
@@ -43,7 +44,6 @@ _BLOCK_BYTES = 64 * 2**20  # a derived block is ~64 MiB of float32 features + la
 _MIN_BLOCK_ROWS, _MAX_BLOCK_ROWS = 2**10, 2**20
 _FAN_IN = 8  # partials merged per reduction task
 _MASK64 = 2**64 - 1
-_NUMERIC = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
 
 
 def default_block_rows(*, n_features: int) -> int:
@@ -123,7 +123,7 @@ def shard_files(
 
 
 def _two_passes(
-    client: distributed.Client, job: _Job, groups: list[list[_Block]], *, source: str, rows: int
+    client: distributed.Client, job: _Job, groups: list[list[Block]], *, source: str, rows: int
 ) -> tuple[list[int | str], np.ndarray, np.ndarray, list[ShardInfo]]:
     """Fit (pass 1), check the split, write the parts (pass 2); a failure cancels what is left."""
     futures: list[distributed.Future] = []
@@ -155,19 +155,6 @@ class _Job:
 
 
 @dataclass(frozen=True)
-class _Block:
-    """Global rows [first_row, first_row + rows) as pieces (file uri, row group, start, stop)."""
-
-    index: int
-    first_row: int
-    pieces: tuple[tuple[str, int, int, int], ...]
-
-    @property
-    def rows(self) -> int:
-        return sum(stop - start for _, _, start, stop in self.pieces)
-
-
-@dataclass(frozen=True)
 class _Stats:
     """Partial statistics of some blocks: moments of the train rows (float64), rows per split
     code (train shards, val, test) and the distinct labels."""
@@ -179,7 +166,7 @@ class _Stats:
     labels: frozenset
 
 
-def _plan(table: SourceTable, *, block_rows: int) -> list[list[_Block]]:
+def _plan(table: SourceTable, *, block_rows: int) -> list[list[Block]]:
     """The table's blocks, grouped into tasks of consecutive blocks."""
     cut: dict[int, list[tuple[str, int, int, int]]] = {}
     for piece in pieces(table, start=0, stop=table.rows):
@@ -189,7 +176,7 @@ def _plan(table: SourceTable, *, block_rows: int) -> list[list[_Block]]:
             take = min(piece.stop - pos, (b + 1) * block_rows - g)
             cut.setdefault(b, []).append((uri, piece.row_group, pos, pos + take))
             g, pos = g + take, pos + take
-    blocks = [_Block(index=b, first_row=b * block_rows, pieces=tuple(cut[b])) for b in sorted(cut)]
+    blocks = [Block(index=b, first_row=b * block_rows, pieces=tuple(cut[b])) for b in sorted(cut)]
     # A task covers about one row group: a row group is decoded once per task that needs it, so
     # this reads the source about once, without making one task of a table of small row groups.
     n_groups = sum(len(f.row_groups) for f in table.files)
@@ -217,7 +204,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _fit(
-    client: distributed.Client, job: distributed.Future, groups: list[list[_Block]], futures: list
+    client: distributed.Client, job: distributed.Future, groups: list[list[Block]], futures: list
 ) -> distributed.Future:
     """Pass 1, reduced to one _Stats future.
 
@@ -262,10 +249,10 @@ def _fold(a: _Stats, *rest: _Stats) -> _Stats:
     return a
 
 
-def _stats_task(job: _Job, blocks: list[_Block]) -> list[tuple[int, _Stats]]:
+def _stats_task(job: _Job, blocks: list[Block]) -> list[tuple[int, _Stats]]:
     """Pass 1 on the worker: check every row group read; one _Stats per block."""
     spec, out = job.spec, []
-    with _Reader(job, check=True) as reader:
+    with _reader(job, check=True) as reader:
         for block in blocks:
             x, labels = reader.block(block)
             codes = _split_codes(spec, first_row=block.first_row, rows=len(x))
@@ -291,12 +278,12 @@ def _moments(x: np.ndarray, *, train: np.ndarray, chunk: int = 2**14) -> tuple[i
 
 
 def _write_task(
-    job: _Job, blocks: list[_Block], mean: np.ndarray, std: np.ndarray, classes: list
+    job: _Job, blocks: list[Block], mean: np.ndarray, std: np.ndarray, classes: list
 ) -> list[tuple[int, int, str, int, str]]:
     """Pass 2 on the worker: per block, scale, map labels and write one part per shard that has
     rows; returns (block, split code, uri, rows, sha256) per part."""
     spec, value_set, written = job.spec, pa.array(classes), []
-    with _Reader(job, check=False) as reader:
+    with _reader(job, check=False) as reader:
         for block in blocks:
             x, labels = reader.block(block)
             if spec.standardize:
@@ -338,98 +325,9 @@ def _shard_name(code: int, n_shards: int) -> str:
     return f"train-{code:05d}" if code < n_shards else ("val" if code == n_shards else "test")
 
 
-class _Reader:
-    """Reads blocks from the source. Consecutive blocks mostly share a row group, so the last
-    file stays open and its last row group decoded (as float32 features + arrow labels)."""
-
-    def __init__(self, job: _Job, *, check: bool):
-        self._job, self._check = job, check
-        self._file: tuple[str, pq.ParquetFile, object] | None = None
-        self._group: tuple[tuple[str, int], np.ndarray, pa.ChunkedArray] | None = None
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file[2].close()
-        self._file = self._group = None
-
-    def block(self, block: _Block) -> tuple[np.ndarray, list[pa.ChunkedArray]]:
-        """The block's features in a fresh C-ordered float32 array, and its labels by piece."""
-        x = np.empty((block.rows, len(self._job.features)), dtype=np.float32)
-        labels, pos = [], 0
-        for uri, group, start, stop in block.pieces:
-            gx, gy = self._row_group(uri, group)
-            if len(gx) < stop:
-                raise DataError(
-                    f"{redact_url(uri)}, row group {group}: {len(gx)} rows, the table lists more; the file "
-                    "changed since ingest: run ingest again"
-                )
-            x[pos : pos + stop - start] = gx[start:stop]
-            labels.append(gy.slice(start, stop - start))
-            pos += stop - start
-        return x, labels
-
-    def _row_group(self, uri: str, group: int) -> tuple[np.ndarray, pa.ChunkedArray]:
-        if self._group is None or self._group[0] != (uri, group):
-            self._group = None  # free the previous one before decoding the next
-            data = self._open(uri).read_row_group(group, columns=[*self._job.features, self._job.label])
-            self._group = ((uri, group), *_decode(data, job=self._job, where=(uri, group), check=self._check))
-        return self._group[1], self._group[2]
-
-    def _open(self, uri: str) -> pq.ParquetFile:
-        if self._file is None or self._file[0] != uri:
-            if self._file is not None:
-                self._file[2].close()
-            fs, path = storage.fs_and_path(uri, **self._job.options)
-            handle = fs.open(path, "rb")
-            pf = pq.ParquetFile(handle)
-            missing = sorted({*self._job.features, self._job.label} - set(pf.schema_arrow.names))
-            if missing:
-                handle.close()
-                raise DataError(
-                    f"{redact_url(uri)}: columns {missing} are missing; every file of the source "
-                    "must have the table's columns (fix or remove that file)"
-                )
-            self._file = (uri, pf, handle)
-        return self._file[1]
-
-
-def _decode(
-    data: pa.Table, *, job: _Job, where: tuple[str, int], check: bool
-) -> tuple[np.ndarray, pa.ChunkedArray]:
-    """A row group as float32 features (rows x features) and its label column; with ``check``, a
-    null label or a null, NaN or infinite feature is a DataError naming file, row group and column."""
-    at = f"{redact_url(where[0])}, row group {where[1]}"
-    labels = data.column(job.label)
-    if check and labels.null_count:
-        raise DataError(
-            f"{at}: label column {job.label!r} has {labels.null_count} null values; "
-            "drop those rows or fill their labels in the source, then re-run"
-        )
-    x = np.empty((data.num_rows, len(job.features)), dtype=np.float32)
-    for j, name in enumerate(job.features):
-        col = data.column(name)
-        if not any(is_type(col.type) for is_type in _NUMERIC):
-            raise DataError(
-                f"{at}: feature {name!r} is {col.type}, not numeric; convert or drop it, then re-run"
-            )
-        values = col.to_numpy().astype(np.float32)  # nulls come back as NaN
-        if check:
-            _check_finite(values, nulls=col.null_count, at=f"{at}: feature {name!r}")
-        x[:, j] = values
-    return x, labels
-
-
-def _check_finite(values: np.ndarray, *, nulls: int, at: str) -> None:
-    bad = nulls or int(np.count_nonzero(~np.isfinite(values)))
-    if bad:
-        kind = "null" if nulls else "NaN or infinite (or beyond float32's range)"
-        raise DataError(
-            f"{at} has {bad} {kind} values; features must be finite numbers: "
-            "clean or impute them in the source (or drop the column), then re-run"
-        )
+def _reader(job: _Job, *, check: bool) -> BlockReader:
+    """The job's block reader: pass 1 checks the values, pass 2 reads the same rows unchecked."""
+    return BlockReader(features=job.features, label=job.label, options=job.options, check=check)
 
 
 def _classes(stats: _Stats, *, source: str, label: str) -> list[int | str]:
