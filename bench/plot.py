@@ -82,11 +82,18 @@ def fedavg_png() -> Path:
     return fedavg_table.plot(_lines("fedavg_table.jsonl"))
 
 
+def data_scale_png() -> Path:
+    from bench import data_scale
+
+    return data_scale.plot(_lines("data_scale.jsonl"))
+
+
 PLOTS: dict[str, Callable[[], Path]] = {
     "ddp_overhead": ddp_overhead_png,
     "strategies": strategies_png,
     "serving": serving_png,
     "fedavg": fedavg_png,
+    "data_scale": data_scale_png,
 }
 
 

@@ -26,6 +26,7 @@ from bench import report_sections as rs
 from bench.report_data import Context, Missing, num, table
 from bench.report_gpu import gpu
 from bench.report_pipeline import pipeline
+from bench.report_scale import data_scale
 from bench.report_serving import serving
 from bench.report_startup import orchestration_startup
 
@@ -81,6 +82,13 @@ SECTIONS = (
         "Batch prediction: Dask path vs a plain PyTorch loop",
         ("batch_predict",),
         rs.batch_predict,
+    ),
+    Section(
+        "data_scale",
+        "Data at scale: ingest and sharding of a 1 GiB and a 4 GiB table vs dask.dataframe and pyarrow",
+        ("data_scale",),
+        data_scale,
+        "data_scale.png",
     ),
     Section("compress", "Compression: int8 quantization and pruning on digits", ("compress",), rs.compress),
     Section(

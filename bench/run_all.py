@@ -76,6 +76,15 @@ BENCHES = (
         full=("--dask-malloc-trim", "dask-default"),
     ),
     Bench("batch_predict", "bench.batch_predict", quick=("--rows", "200000")),  # full: 400,000 rows
+    # quick: a ~1 GiB table (8M rows), 2 reps of `mms run`, dask.dataframe and pyarrow; full: ~4 GiB (32M
+    # rows), 3 reps. It writes its data file itself and keeps the other size's run there (report: both)
+    Bench(
+        "data_scale",
+        "bench.data_scale",
+        quick=("--size", "quick", "--reps", "2"),
+        full=("--size", "full"),
+        captures_stdout=False,
+    ),
     Bench("compress", "bench.compress"),  # ~15 s
     # full: 2 reps (~3 min); quick: 1 rep of each (strategy, world size) (~1.5 min)
     Bench("strategies", "bench.strategies", quick=("--reps", "1"), captures_stdout=False),
