@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ from mms_core.data.stream import Batch, RankData, ValSet, open_rank_data, steps_
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
 from mms_core.training.mfu import mfu
-from mms_core.training.spec import EpochMetrics, RankResult, TrainJob, TrainSpec
+from mms_core.training.optim import make_optimizer, make_scheduler, seek_schedule
+from mms_core.training.spec import EpochMetrics, RankResult, TrainJob
 
 Emit = Callable[[dict[str, Any]], None]
 PROGRESS_EVERY_S = 0.5  # rank 0 reports its step this often: the launcher's count of repeated steps
@@ -125,7 +125,7 @@ def train_rank(
     scheduler, lr_at = make_scheduler(optimizer, job.train, total_steps=n_steps * job.train.epochs)
     pos = _resume(job=job, parallel=parallel, model=model, optimizer=optimizer, n_steps=n_steps)
     if pos.step:
-        _seek_schedule(scheduler, optimizer, lr_at, step=pos.step)
+        seek_schedule(scheduler, optimizer, lr_at, step=pos.step)
         if rank == 0 and emit:
             emit({"kind": "resume", "step": pos.step, "epoch": pos.epoch, "skip": pos.skip})
     # Under FSDP every forward all-gathers, so every rank must take part in validation.
@@ -315,7 +315,7 @@ def _epoch_metrics(
     per_s = float(totals[2]) / (time.perf_counter() - t0)  # before validating: training time only
     lm = getattr(model, "causal_lm", False)
     # LM logits are (rows, vocab, seq) floats: a token budget per validation batch bounds their memory.
-    val_loss, val_acc = evaluate_chunks(model, val.chunks(), tokens=2**14 if lm else None)
+    val_loss, val_acc = val_loss_accuracy(model, val.chunks(), tokens=2**14 if lm else None)
     n = max(float(totals[2]), 1.0)
     devices = dist.get_world_size() if dist.is_initialized() else 1
     return EpochMetrics(
@@ -333,7 +333,7 @@ def _epoch_metrics(
 
 
 @torch.no_grad()
-def evaluate_chunks(
+def val_loss_accuracy(
     model: nn.Module, chunks: Iterable[Batch], *, batch: int = 4096, tokens: int | None = None
 ) -> tuple[float, float]:
     """Mean loss and accuracy over the rows of all ``chunks`` (e.g. a shard's parts, one in memory
@@ -354,43 +354,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    """The spec's optimizer over ``model``'s parameters (fused AdamW on CUDA)."""
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
-    fused = next(model.parameters()).is_cuda  # fused AdamW kernels exist on CUDA only
-    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, spec: TrainSpec, *, total_steps: int
-) -> tuple[torch.optim.lr_scheduler.LRScheduler, Callable[[int], float]]:
-    """The LR schedule and its closed form (factor at a step), which lets a resumed run seek to it."""
-    total = max(1, total_steps)
-    if spec.schedule == "cosine":
-
-        def factor(step: int) -> float:
-            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    else:
-
-        def factor(step: int) -> float:
-            return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), factor
-
-
-def _seek_schedule(
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    optimizer: torch.optim.Optimizer,
-    factor: Callable[[int], float],
-    *,
-    step: int,
-) -> None:
-    scheduler.last_epoch = step
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-        group["lr"] = base * factor(step)
 
 
 def params_sha256(model: nn.Module) -> str:

@@ -48,7 +48,8 @@ from mms_core.training.launch import (
     looks_like_lost_peer,
     worker_addresses,
 )
-from mms_core.training.loop import evaluate_chunks, make_optimizer, params_sha256, steps_per_epoch
+from mms_core.training.loop import params_sha256, steps_per_epoch, val_loss_accuracy
+from mms_core.training.optim import make_optimizer
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
 from mms_core.training.param_server_worker import ParamLayout, plan_shards, run_worker
 from mms_core.training.spec import EpochMetrics, RankResult, TrainJob
@@ -322,7 +323,7 @@ class _Follower:
         reports = self.watch.wait([self.shards[0].reports(epoch=epoch)])[0].values()
         rows = sum(r["count"] for r in reports)
         hist = sum((Counter({int(k): v for k, v in r["staleness"].items()}) for r in reports), Counter())
-        val_loss, val_acc = evaluate_chunks(self.run.model, self.val.chunks())
+        val_loss, val_acc = val_loss_accuracy(self.run.model, self.val.chunks())
         now = time.perf_counter()
         m = EpochMetrics(
             epoch=epoch,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mms_core.training.loop import make_optimizer, make_scheduler
+from mms_core.training.optim import make_optimizer, make_scheduler
 from mms_core.training.spec import TrainSpec
 
 

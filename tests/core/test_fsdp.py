@@ -16,7 +16,8 @@ from mms_core.evaluate import predict_classes
 from mms_core.models import ModelSpec, build_model
 from mms_core.training.checkpoint import KEEP
 from mms_core.training.fsdp import FullyShard, consolidate_checkpoint, run_fsdp, shard_units
-from mms_core.training.loop import forward_loss, make_optimizer, state_sha256, steps_per_epoch
+from mms_core.training.loop import forward_loss, state_sha256, steps_per_epoch
+from mms_core.training.optim import make_optimizer
 from mms_core.training.spec import TrainJob, TrainSpec
 
 EPOCHS = 4

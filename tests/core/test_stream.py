@@ -270,7 +270,7 @@ def test_a_stream_holds_at_most_a_window_or_two_with_prefetch(parts_uri, prefetc
 
 
 def test_validation_of_parts_streams_part_by_part_and_sums_over_them(digits_manifest, parts_uri):
-    from mms_core.training.loop import evaluate_chunks
+    from mms_core.training.loop import val_loss_accuracy
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 10))
@@ -280,7 +280,7 @@ def test_validation_of_parts_streams_part_by_part_and_sums_over_them(digits_mani
         load_manifest(parts_uri).val.parts
     )
     # same rows: the same figures up to the order of float sums
-    assert evaluate_chunks(model, parts.chunks()) == pytest.approx(evaluate_chunks(model, whole.chunks()))
+    assert val_loss_accuracy(model, parts.chunks()) == pytest.approx(val_loss_accuracy(model, whole.chunks()))
 
 
 # ---- the shuffle buffer in the spec --------------------------------------------------------------
