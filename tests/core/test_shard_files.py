@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster
 
+from mms_core.data.ingest import DataSpec
+from mms_core.data.ingest_files import ingest_files, load_table
 from mms_core.data.shard import (
     PARTS_MANIFEST_VERSION,
     ShardSpec,
@@ -254,7 +256,8 @@ def _write_random(path: Path, *, features: list[str], rows: int, seed: int) -> P
 
 @pytest.mark.slow
 def test_table_larger_than_worker_memory(tmp_path):
-    """~390 MiB of float32 through workers limited to 350 MiB each, and nothing is restarted.
+    """~390 MiB of float32 ingested and sharded by workers limited to 350 MiB each, and nothing is
+    restarted (the flow's two data steps: ingest_files, then shard_files on its listing).
 
     Why not lower: a worker holds ~140 MiB of libraries (pyarrow, pandas, distributed) before any
     data and ~185 MiB once it has run a task, and Dask pauses a worker at 80% of its limit; a
@@ -262,11 +265,8 @@ def test_table_larger_than_worker_memory(tmp_path):
     ~40 MiB above that baseline (one row group + one block), far below the table's size.
     """
     features = [f"f{i}" for i in range(32)]
-    paths = [
+    for i in range(2):
         _write_random(tmp_path / "src" / f"part-{i}.parquet", features=features, rows=1_500_000, seed=i)
-        for i in range(2)
-    ]
-    table = _table(paths, features=features)
     limit_mib = 350
     with (
         LocalCluster(
@@ -280,8 +280,10 @@ def test_table_larger_than_worker_memory(tmp_path):
         Client(cluster) as c,
     ):
         pids = c.run(os.getpid)
+        ingested = ingest_files(client=c, spec=DataSpec(source=str(tmp_path / "src")), root=str(tmp_path))
+        table = load_table(ingested.uri)
         spec = ShardSpec(n_shards=2, block_rows=2**16)
-        uri = shard_files(client=c, table=table, source_sha256=table.sha256, spec=spec, root=str(tmp_path))
+        uri = shard_files(client=c, table=table, source_sha256=ingested.sha256, spec=spec, root=str(tmp_path))
         peaks = c.run(_peak_rss_mib)
         assert c.run(os.getpid) == pids  # no worker was killed for memory and replaced
     assert table.rows * (len(features) + 2) * 4 / 2**20 > limit_mib
