@@ -36,6 +36,8 @@ from mms_core.training.ddp import run_ddp
 from mms_core.training.loop import train_rank
 from mms_core.training.param_server import run_param_server
 from mms_core.training.spec import SHUFFLE_BUFFER_ROWS, TrainJob, TrainSpec, checkpoint_key
+from tests.core.test_fault_tolerance import _job as fault_job
+from tests.core.test_fault_tolerance import _steps as checkpoint_steps
 
 PART_ROWS = (48, 17, 60, 33, 48, 5)  # uneven parts, cycled: windows rarely align with batches
 
@@ -308,18 +310,8 @@ def test_the_shuffle_buffer_at_its_default_leaves_checkpoint_keys_as_they_were()
 
 
 def _job(manifest_uri, out: Path, **train) -> TrainJob:
-    spec = {"epochs": 3, "batch_size": 32, "checkpoint_every": 7, "shuffle_buffer_rows": 100, **train}
-    return TrainJob(
-        manifest_uri=manifest_uri,
-        model=ModelSpec(name="mlp"),
-        train=TrainSpec(**spec),
-        output_uri=str(out / "weights.safetensors"),
-        checkpoint_uri=str(out / "ckpt"),
-    )
-
-
-def _ckpt_steps(path: Path) -> list[int]:
-    return sorted(int(p.name.rsplit("-", 1)[1]) for p in path.glob("step-*"))
+    """The fault-tolerance tests' job, with a shuffle buffer small enough for several windows."""
+    return fault_job(manifest_uri, out, **{"shuffle_buffer_rows": 100, **train})
 
 
 def test_streamed_training_resumes_mid_window_bit_exactly(parts_uri, tmp_path):
@@ -329,7 +321,7 @@ def test_streamed_training_resumes_mid_window_bit_exactly(parts_uri, tmp_path):
     assert full.history[-1].val_accuracy > 0.8
     crashed = tmp_path / "crashed"
     train_rank(job=_job(parts_uri, crashed), rank=0, world_size=1)
-    kept = _ckpt_steps(crashed / "ckpt")
+    kept = checkpoint_steps(crashed / "ckpt")
     for step in kept[1:]:
         for f in (crashed / "ckpt" / f"step-{step:08d}").iterdir():
             f.unlink()
