@@ -233,6 +233,18 @@ def iter_shard(info: ShardInfo) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def read_part(part: PartInfo) -> tuple[np.ndarray, np.ndarray]:
     """Read one part after checking its sha256; returns (features float32, labels int64)."""
+    df = pd.read_parquet(io.BytesIO(_checked_bytes(part)))
+    y = df.pop(LABEL_COLUMN).to_numpy(dtype=np.int64)
+    return df.to_numpy(dtype=np.float32), y
+
+
+def read_part_labels(part: PartInfo) -> np.ndarray:
+    """One part's labels (int64) only, after the same sha256 check: the features are not decoded."""
+    df = pd.read_parquet(io.BytesIO(_checked_bytes(part)), columns=[LABEL_COLUMN])
+    return df[LABEL_COLUMN].to_numpy(dtype=np.int64)
+
+
+def _checked_bytes(part: PartInfo) -> bytes:
     try:
         data = storage.read_bytes(part.uri)
     except FileNotFoundError:
@@ -245,9 +257,7 @@ def read_part(part: PartInfo) -> tuple[np.ndarray, np.ndarray]:
             f"shard part {part.uri} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
             f"{part.sha256[:12]}...; delete its shard directory and re-run to rebuild it"
         )
-    df = pd.read_parquet(io.BytesIO(data))
-    y = df.pop(LABEL_COLUMN).to_numpy(dtype=np.int64)
-    return df.to_numpy(dtype=np.float32), y
+    return data
 
 
 def shards_for_rank(manifest: Manifest, *, rank: int, world_size: int) -> list[ShardInfo]:

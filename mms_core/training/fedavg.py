@@ -6,8 +6,9 @@ epochs of plain SGD with batch B from the current global weights, as Dask tasks 
 rows; the server (the caller) averages the updates weighted by local row counts. FedSGD is the
 case E=1, B=0: one full-batch gradient step per client per round.
 
-Surviving a lost worker: the clients' rows, the validation rows and each round's weights live on
-the cluster as results of tasks (read from the shards, or a value given to the task), never as
+The clients' rows are built on the cluster part by part (fedavg_data.py): neither the server nor
+any worker reads the whole training set. Surviving a lost worker: the clients' rows, the
+validation parts and each round's weights live on the cluster as results of tasks, never as
 scattered data, so when a worker dies Dask recomputes what it held and reruns its client updates
 elsewhere; the round's result is the same, bit for bit, because a client's update depends only on
 the seed, the round and the client.
@@ -21,7 +22,6 @@ update alone is uniformly random. The aggregation math is in federated_math.py (
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from distributed import Client
 from torch import nn
 
 from mms_core import storage
-from mms_core.data.shard import Manifest, load_manifest, read_shard
+from mms_core.data.shard import load_manifest
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
 from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
@@ -46,7 +46,8 @@ from mms_core.training.fedavg_client import (
     local_update,
     set_weights,
 )
-from mms_core.training.federated_math import partition, sample_clients, unmask_average, weighted_average
+from mms_core.training.fedavg_data import ClientData, place_clients
+from mms_core.training.federated_math import sample_clients, unmask_average, weighted_average
 from mms_core.training.launch import worker_addresses
 from mms_core.training.loop import params_sha256
 from mms_core.training.spec import EpochMetrics, FedAvgSpec, RankResult, TrainJob
@@ -151,33 +152,13 @@ def run_fedavg(
         )
     spec, seed = job.train.fedavg, job.train.seed
     manifest = load_manifest(job.manifest_uri)
-    x, y = _train_rows(manifest)
-    parts = partition(
-        y,
-        clients=spec.clients,
-        scheme=spec.partition,
-        alpha=spec.alpha,
-        shards_per_client=spec.shards_per_client,
-        seed=seed,
+    build = partial(
+        build_model, spec=job.model, in_features=len(manifest.features), n_classes=len(manifest.classes)
     )
-    build = partial(build_model, spec=job.model, in_features=x.shape[1], n_classes=len(manifest.classes))
     model = _seeded_model(build, seed=seed)
     t0 = time.perf_counter()
-    # Tasks, not client.scatter: Dask recomputes a lost task result on another worker, while
-    # scattered data dies with its worker (and the run with it). Each worker reads the rows once
-    # and keeps its share of the clients, round-robin; the placement is only a preference.
-    workers = worker_addresses(client)
-    near = {"allow_other_workers": True, "pure": False}
-    rows = {w: client.submit(_train_rows_of, job.manifest_uri, workers=[w], **near) for w in workers}
-    data = [
-        client.submit(_take, rows[w], p, workers=[w], **near)
-        for p, w in zip(parts, itertools.cycle(workers), strict=False)
-    ]
-    val = client.submit(read_shard, manifest.val, pure=False)
-
-    run_clients, evaluate = _on_dask(
-        client, build=build, data=data, val=val, spec=spec, threads=job.num_threads
-    )
+    data = place_clients(client, manifest=manifest, spec=spec, seed=seed, workers=worker_addresses(client))
+    run_clients, evaluate = _on_dask(client, build=build, data=data, spec=spec, threads=job.num_threads)
     store = _RoundCheckpoints(job=job, model=model)
     resumed = store.load() if job.train.resume else None
     if resumed is not None and on_event:
@@ -194,7 +175,7 @@ def run_fedavg(
             on_round=store.save,
         )
     finally:
-        client.cancel([*data, val, *rows.values()])
+        client.cancel(data.futures())
     set_weights(model, run.weights)
     storage.write_bytes_atomic(job.output_uri, state_bytes(model))
     return [
@@ -250,7 +231,7 @@ class _RoundCheckpoints:
 
 
 def _on_dask(
-    client: Client, *, build: Callable[[], nn.Module], data: list, val: Any, spec: FedAvgSpec, threads: int
+    client: Client, *, build: Callable[[], nn.Module], data: ClientData, spec: FedAvgSpec, threads: int
 ) -> tuple[RunClients, Evaluate]:
     """The round loop's two callbacks as Dask tasks on the clients' data futures."""
 
@@ -265,7 +246,7 @@ def _on_dask(
                 num_threads=threads,
                 pure=False,
                 weights=w,
-                data=data[k],
+                data=data.clients[k],
                 spec=spec,
                 client_id=k,
                 ctx=ctx,
@@ -275,33 +256,33 @@ def _on_dask(
         return _gather(client, futures, what=f"round {ctx.round_index}: a client update")
 
     def evaluate(weights: np.ndarray) -> tuple[float, float]:
-        fut = client.submit(
-            _with_model,
-            evaluate_weights,
-            build=build,
-            num_threads=threads,
-            pure=False,
-            weights=weights,
-            data=val,
-        )
-        return _gather(client, [fut], what="evaluation")[0]
+        w = client.submit(_value, weights, pure=False)
+        futures = [
+            client.submit(
+                _with_model,
+                evaluate_weights,
+                build=build,
+                num_threads=threads,
+                pure=False,
+                weights=w,
+                data=part,
+            )
+            for part in data.val
+        ]
+        return _mean_over_parts(_gather(client, futures, what="evaluation"), rows=data.val_rows)
 
     return run_clients, evaluate
 
 
-def _train_rows(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    parts = [read_shard(s) for s in manifest.train]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def _train_rows_of(manifest_uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """Runs on a worker: every training row, read from the shards."""
-    return _train_rows(load_manifest(manifest_uri))
-
-
-def _take(rows: tuple[np.ndarray, np.ndarray], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs on a worker: one simulated client's rows."""
-    return rows[0][index], rows[1][index]
+def _mean_over_parts(results: list[tuple[float, float]], *, rows: list[int]) -> tuple[float, float]:
+    """(loss, accuracy) over all validation rows from each part's means, weighted by its rows.
+    One part (a single-file shard) is returned as computed, bit for bit."""
+    if len(results) == 1:
+        return results[0]
+    total = sum(rows)
+    loss = sum(r[0] * n for r, n in zip(results, rows, strict=True)) / total
+    correct = sum(round(r[1] * n) for r, n in zip(results, rows, strict=True))
+    return loss, correct / total
 
 
 def _value(v: Any) -> Any:

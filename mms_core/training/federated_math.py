@@ -50,11 +50,7 @@ def partition(
     labels = np.asarray(labels)
     if clients < 1:
         raise ValueError(f"clients must be >= 1, got {clients}")
-    if len(labels) < clients:
-        raise DataError(
-            f"{len(labels)} training rows cannot give each of {clients} clients a row; "
-            "lower training.fedavg.clients"
-        )
+    require_rows(len(labels), clients=clients, scheme=scheme, shards_per_client=shards_per_client)
     rng = seeded_rng(seed, STREAM_PARTITION)
     if scheme == "iid":
         parts = np.array_split(rng.permutation(len(labels)), clients)
@@ -65,6 +61,20 @@ def partition(
     else:
         raise ValueError(f"unknown partition scheme {scheme!r}: use 'iid', 'dirichlet' or 'shards'")
     return [np.sort(p) for p in parts]
+
+
+def require_rows(n_rows: int, *, clients: int, scheme: str, shards_per_client: int) -> None:
+    """Raise DataError (naming the setting to lower) when ``n_rows`` cannot be partitioned."""
+    if n_rows < clients:
+        raise DataError(
+            f"{n_rows} training rows cannot give each of {clients} clients a row; "
+            "lower training.fedavg.clients"
+        )
+    if scheme == "shards" and n_rows < clients * shards_per_client:
+        raise DataError(
+            f"{n_rows} training rows cannot fill {clients * shards_per_client} shards ({clients} clients x "
+            f"{shards_per_client}); lower training.fedavg.clients or shards_per_client"
+        )
 
 
 def _dirichlet(labels: np.ndarray, *, clients: int, alpha: float, rng: np.random.Generator) -> list:
@@ -86,11 +96,6 @@ def _dirichlet(labels: np.ndarray, *, clients: int, alpha: float, rng: np.random
 
 def _label_shards(labels: np.ndarray, *, clients: int, per_client: int, rng: np.random.Generator) -> list:
     n_shards = clients * per_client
-    if len(labels) < n_shards:
-        raise DataError(
-            f"{len(labels)} training rows cannot fill {n_shards} shards ({clients} clients x "
-            f"{per_client}); lower training.fedavg.clients or shards_per_client"
-        )
     order = rng.permutation(len(labels))  # random order within each label
     order = order[np.argsort(labels[order], kind="stable")]
     shards = np.array_split(order, n_shards)

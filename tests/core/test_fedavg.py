@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, SchedulerPlugin
 from pydantic import ValidationError
 from safetensors.torch import load as st_load
 
+from mms_core import storage
 from mms_core.data.shard import load_manifest, read_shard
 from mms_core.errors import DataError, TrainingError
 from mms_core.evaluate import predict_classes
@@ -31,6 +32,7 @@ from mms_core.training.federated_math import (
     weighted_average,
 )
 from mms_core.training.spec import FedAvgSpec, TrainJob, TrainSpec
+from tests.core.test_stream import write_parts_manifest
 
 NO_DROPOUT = ModelSpec(name="mlp", kwargs={"hidden": [64], "dropout": 0.0})
 
@@ -380,6 +382,21 @@ def test_a_failing_client_update_fails_the_run_with_a_training_error(client, man
     assert not (tmp_path / "weights.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("fedavg", "fix"),
+    [
+        ({"clients": 5000}, "lower training.fedavg.clients"),
+        ({"clients": 1000, "partition": "shards"}, "shards_per_client"),
+    ],
+)
+def test_too_few_rows_for_the_clients_is_a_data_error_before_any_task(
+    client, manifest_uri, tmp_path, fedavg, fix
+):
+    with pytest.raises(DataError, match=fix):
+        run_fedavg(client=client, job=_job(manifest_uri, tmp_path, rounds=1, **fedavg))
+    assert not (tmp_path / "weights.safetensors").exists()
+
+
 def test_cluster_without_workers_raises_training_error(manifest_uri, tmp_path):
     with (
         LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None) as cluster,
@@ -432,3 +449,65 @@ def test_killing_a_worker_mid_run_loses_nothing_and_changes_nothing(trained, cli
     assert result.params_sha256 == full.params_sha256
     assert [m.val_accuracy for m in result.history] == [m.val_accuracy for m in full.history]
     client.wait_for_workers(2, timeout=60)  # the nanny's replacement, for the tests after this one
+
+
+# ---- a manifest of parts (file sources): the clients' rows are built part by part ---------------
+
+
+class LargestResult(SchedulerPlugin):
+    """Records the largest task result that reached memory anywhere on the cluster."""
+
+    name = "largest-result"
+
+    def __init__(self) -> None:
+        self.largest: tuple[int, str] = (0, "")
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "memory":
+            self.largest = max(self.largest, (self.scheduler.tasks[key].nbytes, str(key)))
+
+
+@pytest.fixture
+def parts_manifest(manifest_uri, tmp_path):
+    return write_parts_manifest(manifest_uri, tmp_path / "parts")
+
+
+def test_on_parts_no_process_holds_the_training_set_and_the_model_is_bit_identical(
+    trained, client, parts_manifest, tmp_path, monkeypatch
+):
+    """The same rows cut into small uneven parts: the run equals the single-file run bit for bit,
+    the flow process reads no training part, and no task result anywhere is the training set."""
+    manifest = load_manifest(parts_manifest)
+    train_parts = {p.uri for s in manifest.train for p in s.part_list()}
+    assert len(train_parts) > 20
+    read_here: list[str] = []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: read_here.append(uri) or real_read(uri))
+    plugin = LargestResult()
+    client.register_plugin(plugin)
+    try:
+        job = trained["job"].model_copy(
+            update={
+                "manifest_uri": parts_manifest,
+                "checkpoint_uri": str(tmp_path / "ckpt"),
+                "output_uri": str(tmp_path / "w"),
+            }
+        )
+        result = run_fedavg(client=client, job=job, on_event=None)[0]
+        largest, key = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins[plugin.name].largest
+        )
+    finally:
+        client.unregister_scheduler_plugin(plugin.name)
+    full = trained["result"]
+    assert result.params_sha256 == full.params_sha256
+    assert (tmp_path / "w").read_bytes() == Path(trained["job"].output_uri).read_bytes()
+    # Validation is summed over the parts: the same figures up to float rounding.
+    assert [m.val_accuracy for m in result.history] == pytest.approx([m.val_accuracy for m in full.history])
+    assert [m.val_loss for m in result.history] == pytest.approx([m.val_loss for m in full.history])
+    assert not train_parts & set(read_here)
+    x, y = _train_xy(parts_manifest)
+    assert 0 < largest < (x.nbytes + y.nbytes) / 4, key  # 10 clients: one holds about a tenth
