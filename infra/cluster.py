@@ -91,8 +91,9 @@ def _without_env(names: tuple[str, ...]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-# Modules every training rank imports: importing them on the workers while the flow ingests and
-# shards takes ~1.5 s (torch) off the training task.
+# Modules the training tasks import on the workers (fedavg clients, parameter-server actors, the
+# supervisor of a rank's process): importing them while the flow ingests and shards takes ~1.5 s
+# (torch) off the training task. A rank's own process imports torch again, from a warm page cache.
 WARM_MODULES = ("torch", "torch.distributed", "mms_core.training.loop", "mms_core.training.launch")
 
 

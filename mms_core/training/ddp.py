@@ -32,8 +32,8 @@ def run_ddp(
         on_event: called in this thread with each event from rank 0 (epoch metrics, progress,
             resume and restart notices).
 
-    Workers that already hosted a rank are restarted first. A caller that reuses one LocalCluster
-    for several jobs must raise ``distributed.deploy.lost-worker-timeout`` (infra.cluster does).
+    Each rank runs in a process of its own on its worker (launch.py): the workers, and whatever
+    else they host, are never restarted.
     """
     return run_process_group(client=client, job=job, rank_fn=ddp_rank, on_event=on_event)
 

@@ -3,12 +3,18 @@
 Used by every strategy built on torch.distributed collectives (ddp, hierarchical, fsdp): each
 gives a picklable ``rank_fn(job, *, rank, world_size, emit) -> RankResult``; this module picks
 the workers, hosts the TCP rendezvous on rank 0's worker, relays metrics events to the caller's
-thread and watches the ranks.
+thread and watches the ranks. param_server (actors and worker tasks, no process group) shares
+its worker choice, its watch (:class:`Watch`) and its fail-over.
 
-Fail-over: when a rank's worker leaves the cluster (killed, out of memory, node lost), the
-surviving ranks are stuck in a collective, so every worker is restarted and the group starts
-again from the last checkpoint (the rank loop resumes by itself) on the workers there are then,
-up to ``training.max_restarts`` times. Each restart is reported as a ``restart`` event with the
+Each rank runs in a process of its own that the Dask task on its worker starts and supervises
+(rank_process.py), so a job leaves the cluster's workers, and whatever else they host, alone:
+it never restarts one.
+
+Fail-over: when a rank's worker leaves the cluster (killed, out of memory, node lost), the job
+sets its stop event, which kills the surviving ranks' processes (stuck in a collective with the
+dead one), waits a little for a replacement worker, and starts the group again from the last
+checkpoint (the rank loop resumes by itself) on the workers there are then, up to
+``training.max_restarts`` times. Each restart is reported as a ``restart`` event with the
 steps that will be repeated.
 """
 
@@ -20,19 +26,22 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from distributed import Client, get_worker
+from distributed import Client, Event, get_worker
 
 from mms_core.errors import TrainingError
+from mms_core.training.rank_process import supervise
 from mms_core.training.spec import RankResult, TrainJob
 
 OnEvent = Callable[[dict[str, Any]], None]
 RankFn = Callable[..., RankResult]
 REPLACEMENT_WAIT_S = 30.0
 LOSS_GRACE_S = 10.0  # a rank's error may reach us before the scheduler notices its worker died
+WIND_DOWN_S = 15.0  # how long a stopped job waits for its ranks' tasks to end before going on
+POLL_S = 0.01  # how often a watch looks at the futures it waits for
+LIVENESS_EVERY_S = 0.5  # how often it asks the scheduler whether the job's workers are still there
 
 
 class WorkerLost(TrainingError):
@@ -78,34 +87,35 @@ def fail_over(
     client: Client, exc: WorkerLost, *, job: TrainJob, attempt: int, last_step: int, emit: OnEvent
 ) -> None:
     """After a lost worker: give up once ``training.max_restarts`` restarts are spent, else emit the
-    ``restart`` event and restart the workers (the caller then starts again from the last checkpoint)."""
+    ``restart`` event and wait a little for a replacement (a nanny restarts a killed process; a
+    cluster manager may add a worker), so the run keeps its world size when it can and repeats
+    exactly what an uninterrupted run would have done. No worker is restarted."""
     if attempt > job.train.max_restarts:
         raise TrainingError(
             f"{exc}; gave up after {attempt - 1} restart(s) (training.max_restarts={job.train.max_restarts})"
         ) from exc
     emit({"kind": "restart", "attempt": attempt, "reason": str(exc), "last_step": last_step})
-    restart_workers(client, at_least=exc.remaining, hoped=max(exc.remaining, exc.group))
+    with contextlib.suppress(TimeoutError):
+        client.wait_for_workers(max(1, exc.group), timeout=REPLACEMENT_WAIT_S)
+    if not rank_workers(client):
+        raise TrainingError(f"{exc}; no worker is left to train on") from exc
 
 
 def _launch_once(
     *, client: Client, job: TrainJob, rank_fn: RankFn, on_event: OnEvent, allow_fewer: bool
 ) -> list[RankResult]:
-    _ensure_fresh_workers(client)
     chosen = choose_workers(client, job=job, allow_fewer=allow_fewer)
     world_size = len(chosen)
     port = client.submit(_free_port, workers=[chosen[0]], pure=False).result()
     master = f"{urlsplit(chosen[0]).hostname}:{port}"
     topic = f"mms-train-{uuid.uuid4().hex[:8]}"
+    stop = Event(f"{topic}-stop", client=client)
     events: queue.Queue[dict[str, Any]] = queue.Queue()
     client.subscribe_topic(topic, lambda ev: events.put(ev[1]))
     futures = [
         client.submit(
-            _rank_main,
-            job,
-            rank_fn,
-            rank=r,
-            world_size=world_size,
-            master=master,
+            _rank_task,
+            {"job": job, "rank_fn": rank_fn, "rank": r, "world_size": world_size, "master": master},
             topic=topic,
             workers=[w],
             allow_other_workers=False,
@@ -115,13 +125,25 @@ def _launch_once(
         for r, w in enumerate(chosen)
     ]
     try:
-        _watch(client, futures, chosen, events=events, on_event=on_event)
-        results = client.gather(futures)
+        results = Watch(client, workers=chosen, tasks=futures, events=events, on_event=on_event).wait(futures)
         _drain(events, on_event)
         return results
     finally:
+        stop.set()  # ranks still running (after a failure or a loss) kill their processes
+        _wind_down(client, futures, chosen)
         client.unsubscribe_topic(topic)
         client.cancel(futures)
+
+
+def _wind_down(client: Client, futures: list, chosen: list[str]) -> None:
+    """Wait (up to WIND_DOWN_S) for the ranks' tasks on live workers to end, so that a restarted
+    group does not share its workers with the processes of the one before."""
+    deadline = time.monotonic() + WIND_DOWN_S
+    while time.monotonic() < deadline:
+        alive = set(worker_addresses(client))
+        if all(f.done() or w not in alive for f, w in zip(futures, chosen, strict=True)):
+            return
+        time.sleep(0.1)
 
 
 def choose_workers(client: Client, *, job: TrainJob, allow_fewer: bool = False) -> list[str]:
@@ -159,30 +181,80 @@ def _workers_info(client: Client) -> dict[str, dict[str, Any]]:
     return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
-def _watch(
-    client: Client, futures: list, chosen: list[str], *, events: queue.Queue, on_event: OnEvent
-) -> None:
-    """Poll rather than gather: a failed or lost rank must end the attempt at once, while the
-    other ranks would otherwise sit in a collective until the process-group timeout."""
-    failed_at: float | None = None
-    while not all(f.status == "finished" for f in futures):
-        _drain(events, on_event)
-        alive = set(worker_addresses(client))
-        if gone := sorted(set(chosen) - alive):
-            raise WorkerLost(gone, remaining=len(alive), group=len(chosen))
-        errors = [(rank, f) for rank, f in enumerate(futures) if f.status in ("error", "cancelled")]
-        if errors:
-            # A rank whose peer died fails with a broken collective, sometimes before the
-            # scheduler has noticed the dead worker: wait a little for that before blaming the rank.
-            failed_at = failed_at or time.monotonic()
-            text = " ".join(repr(f.exception()) for _, f in errors if f.status == "error")
-            if not looks_like_lost_peer(text) or time.monotonic() - failed_at > LOSS_GRACE_S:
-                rank, f = errors[0]
-                exc = f.exception() if f.status == "error" else None
-                raise TrainingError(
-                    f"rank {rank} failed: {exc}" if exc else f"rank {rank} ended as {f.status}"
-                ) from exc
-        time.sleep(0.2)
+class Watch:
+    """Waits for futures (rank results, actor calls) while watching a job's tasks and workers: a
+    failed task or a lost worker ends the wait at once (TrainingError, WorkerLost), since the
+    other ranks would otherwise sit in a collective, or on a parameter shard, until a timeout.
+
+    A rank whose peer died fails with a broken collective, sometimes before the scheduler has
+    noticed the dead worker: an error that looks like that gets LOSS_GRACE_S to turn into a
+    WorkerLost before it is blamed on the rank.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        workers: list[str],
+        tasks: list,
+        events: queue.Queue | None = None,
+        on_event: OnEvent | None = None,
+        what: str = "rank",
+        calls: str = "a rank's result",
+    ) -> None:
+        self.client, self.workers, self.tasks, self.what, self.calls = client, workers, tasks, what, calls
+        self.events, self.on_event = events, on_event
+        self.checked = 0.0
+        self.failed_at: float | None = None
+
+    def wait(self, futures: list) -> list:
+        """The futures' results, once all are done; raises as soon as the job fails."""
+        while not all(f.done() for f in futures):
+            if self.events is not None and self.on_event:
+                _drain(self.events, self.on_event)
+            if time.monotonic() - self.checked > LIVENESS_EVERY_S:
+                self.checked = time.monotonic()
+                self.raise_if_lost()
+            self._raise_if_failed()
+            time.sleep(POLL_S)
+        self._raise_if_failed(finished=True)
+        try:
+            return [f.result() for f in futures]
+        except Exception as exc:  # an actor's worker died, or the call raised
+            self._blame_lost_worker(exc)
+            raise TrainingError(f"{self.calls} failed: {exc!r}") from exc
+
+    def raise_if_lost(self) -> None:
+        alive = set(worker_addresses(self.client))
+        if gone := sorted(set(self.workers) - alive):
+            raise WorkerLost(gone, remaining=len(alive), group=len(self.workers))
+
+    def _raise_if_failed(self, *, finished: bool = False) -> None:
+        errors = [(i, f) for i, f in enumerate(self.tasks) if f.status in ("error", "cancelled", "lost")]
+        if not errors:
+            return
+        text = " ".join(repr(f.exception()) for _, f in errors if f.status == "error")
+        if looks_like_lost_peer(text):
+            self.failed_at = self.failed_at or time.monotonic()
+            if finished:  # nothing left to wait for: give the scheduler its grace now
+                self._blame_lost_worker(None)
+            elif time.monotonic() - self.failed_at <= LOSS_GRACE_S:
+                return
+        i, f = errors[0]
+        exc = f.exception() if f.status == "error" else None
+        why = f"failed: {exc}" if exc else f"ended as {f.status}"
+        raise TrainingError(f"{self.what} {i} {why}") from exc
+
+    def _blame_lost_worker(self, exc: BaseException | None) -> None:
+        """Raise WorkerLost if a worker of the job is gone, or goes within LOSS_GRACE_S when the
+        error looks like a lost peer (a task's own bug gets no grace)."""
+        grace = LOSS_GRACE_S if exc is None or looks_like_lost_peer(repr(exc)) else 0.0
+        deadline = time.monotonic() + grace
+        while True:
+            self.raise_if_lost()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
 
 
 def looks_like_lost_peer(error_text: str) -> bool:
@@ -192,44 +264,6 @@ def looks_like_lost_peer(error_text: str) -> bool:
     return any(
         s in text for s in ("connection", "gloo", "nccl", "timed out", "closed", "killedworker", "peer")
     )
-
-
-def restart_workers(client: Client, *, at_least: int, hoped: int) -> None:
-    """Kill and restart every worker (survivors are blocked in a collective), wait for the
-    ``at_least`` that were alive, and a little longer for a replacement of the lost one (a nanny
-    restarts a killed process; a cluster manager may add a worker): the run then keeps its world
-    size and repeats exactly what an uninterrupted run would have done."""
-    try:
-        client.restart(timeout=180, wait_for_workers=False)
-        client.wait_for_workers(max(1, at_least), timeout=180)
-    except Exception as exc:  # distributed raises several types for workers that do not come back
-        raise TrainingError(f"Dask workers did not come back after a worker was lost: {exc!r}") from exc
-    with contextlib.suppress(TimeoutError):
-        client.wait_for_workers(hoped, timeout=REPLACEMENT_WAIT_S)
-
-
-def _ensure_fresh_workers(client: Client) -> None:
-    """Back-to-back process groups in one worker process hang intermittently (design brief,
-    section 2), so the workers are restarted before a job if any of them already hosted a rank.
-    A fresh cluster (the embedded default, closed after training) never pays for a restart.
-
-    Owners of a LocalCluster that runs several jobs must raise dask's
-    ``distributed.deploy.lost-worker-timeout`` (infra.cluster does): otherwise a worker that takes
-    longer than 15 s to come back from the restart has its nanny closed and never returns.
-    """
-    hosted = client.run(_hosted_a_rank)
-    if any(hosted.values()):
-        try:
-            client.restart(timeout=180, wait_for_workers=False)
-            client.wait_for_workers(len(hosted), timeout=180)
-        except Exception as exc:  # distributed raises several types for workers that do not come back
-            raise TrainingError(
-                f"Dask workers did not come back from the restart before training: {exc!r}"
-            ) from exc
-
-
-def _hosted_a_rank(dask_worker: Any) -> bool:  # client.run passes the worker by this name
-    return bool(getattr(dask_worker, "_mms_hosted_rank", False))
 
 
 def _drain(events: queue.Queue, on_event: OnEvent) -> None:
@@ -247,28 +281,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(
-    job: TrainJob, rank_fn: RankFn, *, rank: int, world_size: int, master: str, topic: str
-) -> RankResult:
-    """Runs on a Dask worker: join the process group, run the rank, leave."""
-    import torch
-    import torch.distributed as dist
-
+def _rank_task(call: dict[str, Any], *, topic: str) -> RankResult:
+    """Runs on a Dask worker: the rank in a process of its own (rank_process.py); its events go
+    out as this worker's events on ``topic``; the job's stop event ends it."""
     worker = get_worker()
-    worker._mms_hosted_rank = True  # read by _ensure_fresh_workers before the next job
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{master}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=job.train.timeout_s),
+    stop = Event(f"{topic}-stop")
+    return supervise(
+        call,
+        emit=lambda ev: worker.log_event(topic, ev),
+        stopped=stop.is_set,
+        name=f"rank {call['rank']}",
     )
-    try:
-        result = rank_fn(job, rank=rank, world_size=world_size, emit=lambda m: worker.log_event(topic, m))
-        # Leave together: a rank tearing gloo down while its peer still talks to it can abort
-        # ("terminate called without an active exception"), seen under torchrun in bench/.
-        dist.barrier()
-        return result
-    finally:
-        dist.destroy_process_group()

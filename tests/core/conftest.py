@@ -39,9 +39,9 @@ def digits_manifest(tmp_path_factory) -> Callable[[int], str]:
 
 @contextlib.contextmanager
 def _training_cluster(n_workers: int) -> Iterator[Client]:
-    # Strategies restart the workers before every job that follows another one; a LocalCluster
-    # running several jobs must raise lost-worker-timeout (launch._ensure_fresh_workers), as
-    # infra.cluster does.
+    # A worker killed by a test comes back through its nanny; the default lost-worker-timeout
+    # (15 s) closes a nanny whose worker is slower than that to return under load, as
+    # infra.cluster guards against too.
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
         cluster = LocalCluster(
             n_workers=n_workers,
