@@ -39,6 +39,23 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def sha256_file(uri: str, *, chunk_bytes: int = 1 << 22, **storage_options: Any) -> str:
+    """sha256 of a file read in ``chunk_bytes`` pieces: the file need not fit in memory."""
+    fs, path = fs_and_path(uri, **storage_options)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb", block_size=chunk_bytes) as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_local(uri: str) -> bool:
+    """True for a path on this machine's file system (``file://`` or a plain path)."""
+    fs, _ = fs_and_path(uri)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
 def exists(uri: str) -> bool:
     fs, path = fs_and_path(uri)
     return fs.exists(path)

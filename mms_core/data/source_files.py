@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import re
 import uuid
 from collections.abc import Iterator
@@ -85,7 +84,9 @@ def hash_in_place(scan: Scan, *, options: dict[str, str]) -> Scan:
         ``scan`` with its sha256, or with ``error`` set if the file cannot be read.
     """
     try:
-        return dataclasses.replace(scan, sha256=_sha256_file(scan.uri, options))
+        return dataclasses.replace(
+            scan, sha256=storage.sha256_file(scan.uri, chunk_bytes=HASH_CHUNK_BYTES, **options)
+        )
     except OSError as exc:
         return dataclasses.replace(
             scan, error=f"{scan.source}: cannot read ({_why(exc)}); check that it exists"
@@ -128,7 +129,7 @@ def csv_copy(uri: str, *, options: dict[str, str], root: str, block_bytes: int, 
     """
     shown = redact_url(uri)
     try:
-        sha = _sha256_file(uri, options)
+        sha = storage.sha256_file(uri, chunk_bytes=HASH_CHUNK_BYTES, **options)
         target = storage.join(root, "raw", "csv", f"{sha[:16]}.parquet")
         if not storage.exists(target):
             error = _convert(uri, options, target=target, block_bytes=block_bytes, label=label)
@@ -213,15 +214,6 @@ def _write_parquet_atomic(target: str, *, schema: pa.Schema, batches: Iterator[p
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
-
-
-def _sha256_file(uri: str, options: dict[str, str]) -> str:
-    fs, path = storage.fs_and_path(uri, **options)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb", block_size=HASH_CHUNK_BYTES) as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _without_pandas_index(schema: pa.Schema) -> pa.Schema:

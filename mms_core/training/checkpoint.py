@@ -1,16 +1,26 @@
-"""Checkpoints as safetensors (model + optimizer state), never pickle.
+"""Checkpoints as safetensors (model + optimizer state), never pickle, for every strategy.
 
 Layout: <root>/step-<N>/{model,optim}.safetensors and meta.json, written last, holding the
 sha256 of both files: a checkpoint without a valid meta.json is incomplete and ignored, and one
 whose files do not match their checksums is corrupt; ``load_latest_checkpoint`` then falls back
 to the one before. Only the newest ``KEEP`` checkpoints are kept.
+
+Sharded checkpoints (FSDP: one safetensors file per rank, written by torch.distributed.checkpoint)
+share the layout and the rules; their meta.json lists every shard file's sha256. The file
+plumbing for them is here too (hash shares, local staging for remote stores); the collective
+save and load are in fsdp.py. The resume data every strategy keeps (``progress_meta``) and the
+position it resumes from (``resume_point``) are here as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +31,7 @@ from torch import nn
 from mms_core import storage
 
 KEEP = 3  # checkpoints kept per run: the newest, plus fallbacks if it turns out corrupt
+SHARD_SUFFIX = ".safetensors"
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,32 @@ def save_checkpoint(
     storage.write_json_atomic(storage.join(out, "meta.json"), meta)
     prune_checkpoints(root, keep=KEEP)
     return out
+
+
+def progress_meta(
+    *, step_in_epoch: int, steps_per_epoch: int, world_size: int, samples: int, history: list
+) -> dict[str, Any]:
+    """The resume data every strategy stores in a checkpoint's meta.json (``history``: EpochMetrics)."""
+    return {
+        "step_in_epoch": step_in_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world_size,
+        "samples": samples,
+        "history": [m.model_dump() for m in history],
+    }
+
+
+def resume_point(meta: dict[str, Any], *, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch to run, steps of it already done) after the checkpoint with ``meta``. Mid-epoch on
+    another world size the epoch has another step count: the fraction done is kept."""
+    if meta["step_in_epoch"] >= meta["steps_per_epoch"]:
+        return meta["epoch"] + 1, 0
+    return meta["epoch"], meta["step_in_epoch"] * steps_per_epoch // meta["steps_per_epoch"]
+
+
+def clear_checkpoints(root: str) -> None:
+    """Delete every checkpoint under ``root`` (a run that must not resume from an earlier one's)."""
+    storage.remove_tree(root)
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -139,3 +176,68 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = t
     return {"state": state, "param_groups": groups}
+
+
+# ---- sharded checkpoints (one file per rank) ------------------------------------------------
+
+
+def verified_sharded_meta(local: str, *, rank: int, world_size: int) -> dict | None:
+    """This rank's verdict on a sharded checkpoint: meta.json readable, exactly its shard files
+    present, and this rank's share of them (every world_size-th) matching their sha256."""
+    try:
+        meta = storage.read_json(storage.join(local, "meta.json"))
+        present = sorted(shard_files(local))
+        if present != sorted(meta["files"]):
+            return None
+        for name in present[rank::world_size]:
+            if storage.sha256_file(storage.join(local, name)) != meta["files"][name]:
+                return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def hash_share(uri: str, *, rank: int, world_size: int) -> dict[str, str]:
+    """sha256 of every world_size-th shard file of a checkpoint: the ranks share the hashing."""
+    names = sorted(shard_files(uri))
+    return {n: storage.sha256_file(storage.join(uri, n)) for n in names[rank::world_size]}
+
+
+def shard_files(uri: str) -> list[str]:
+    fs, path = storage.fs_and_path(uri)
+    entries = fs.ls(path, detail=False) if fs.exists(path) else []
+    return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.endswith(SHARD_SUFFIX)]
+
+
+@contextlib.contextmanager
+def writable_dir(uri: str) -> Iterator[str]:
+    """A local directory for a writer that takes local paths only (DCP's); for s3:// and other
+    remote stores a private staging directory whose files (this rank's own) are uploaded after."""
+    fs, path = storage.fs_and_path(uri)
+    if storage.is_local(uri):
+        fs.makedirs(path, exist_ok=True)
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="mms-dcp-")
+    try:
+        yield tmp
+        fs.put(f"{tmp}/", path.rstrip("/") + "/", recursive=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def readable_dir(uri: str) -> Iterator[str]:
+    """A local path holding the checkpoint: the directory itself, or a downloaded copy (DCP's
+    safetensors reader opens local files only; every rank may need every shard to reshard)."""
+    fs, path = storage.fs_and_path(uri)
+    if storage.is_local(uri):
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="mms-dcp-")
+    try:
+        for entry in fs.ls(path, detail=False):
+            fs.get(entry, f"{tmp}/{entry.rstrip('/').rsplit('/', 1)[-1]}")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,11 +24,8 @@ checkpoint into one safetensors file of full weights without a process group.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -48,12 +45,18 @@ from torch.distributed.tensor import DTensor
 from mms_core import storage
 from mms_core.errors import TrainingError
 from mms_core.training import loop
-from mms_core.training.checkpoint import KEEP, list_checkpoints, prune_checkpoints
+from mms_core.training.checkpoint import (
+    KEEP,
+    hash_share,
+    list_checkpoints,
+    prune_checkpoints,
+    readable_dir,
+    verified_sharded_meta,
+    writable_dir,
+)
 from mms_core.training.launch import run_process_group
 from mms_core.training.spec import RankResult, TrainJob
 
-SHARD_SUFFIX = ".safetensors"
-_CHUNK = 1 << 22  # hash in 4 MiB reads: a shard file need not fit in memory
 log = logging.getLogger(__name__)
 
 
@@ -145,16 +148,16 @@ class FullyShard:
         out = storage.join(job.checkpoint_uri, f"step-{meta['step']:08d}")
         msd, osd = get_state_dict(model, optimizer)
         if rank == 0:  # shards of an earlier, interrupted save (maybe another world size) would mix in
-            _remove(out)
+            storage.remove_tree(out)
         _barrier()
-        with _writable_dir(out) as local, _lone_rank_quiet():
+        with writable_dir(out) as local, _lone_rank_quiet():
             dcp.save(
                 {"model": msd, "optim": osd["state"]},
                 storage_writer=HuggingFaceStorageWriter(local, save_distributed=True),
                 no_dist=not _distributed(),
             )
         _barrier()
-        files = _gather_dicts(_hash_share(out, rank=rank))
+        files = _gather_dicts(hash_share(out, rank=rank, world_size=_world_size()))
         if rank == 0:
             groups = json.loads(json.dumps(osd["param_groups"], default=float))
             storage.write_json_atomic(
@@ -169,8 +172,8 @@ class FullyShard:
         rank = dist.get_rank() if _distributed() else 0
         candidates = _broadcast(list(reversed(list_checkpoints(job.checkpoint_uri))) if rank == 0 else None)
         for uri in candidates:
-            with _readable_dir(uri) as local:
-                meta = _verified_meta(local, rank=rank)
+            with readable_dir(uri) as local:
+                meta = verified_sharded_meta(local, rank=rank, world_size=_world_size())
                 if not _all_true(meta is not None):
                     log.warning("skipping checkpoint %s: missing or corrupt shard files", uri)
                     continue
@@ -213,8 +216,8 @@ def consolidate_checkpoint(*, uri: str) -> bytes:
     Raises:
         ValueError: the checkpoint is incomplete or a shard file does not match its checksum.
     """
-    with _readable_dir(uri) as local:
-        if _verified_meta(local, rank=0, world_size=1) is None:
+    with readable_dir(uri) as local:
+        if verified_sharded_meta(local, rank=0, world_size=1) is None:
             raise ValueError(f"checkpoint {uri}: missing meta.json or a corrupt shard file")
         reader = HuggingFaceStorageReader(local)
         tensors = {
@@ -234,91 +237,6 @@ def _param_stats(model: nn.Module, *, units: int) -> dict[str, Any]:
     return {"fsdp_units": units, "local_params": local, "total_params": total}
 
 
-def _verified_meta(local: str, *, rank: int, world_size: int | None = None) -> dict | None:
-    """This rank's verdict on a checkpoint: meta.json readable, exactly its shard files present,
-    and this rank's share of them (every world_size-th) matching their sha256."""
-    world_size = world_size or (dist.get_world_size() if _distributed() else 1)
-    try:
-        meta = storage.read_json(storage.join(local, "meta.json"))
-        present = sorted(_shard_files(local))
-        if present != sorted(meta["files"]):
-            return None
-        for name in present[rank::world_size]:
-            if _sha256_file(storage.join(local, name)) != meta["files"][name]:
-                return None
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _hash_share(uri: str, *, rank: int) -> dict[str, str]:
-    """sha256 of every world_size-th shard file of a checkpoint: hashing is shared by the ranks."""
-    world_size = dist.get_world_size() if _distributed() else 1
-    names = sorted(_shard_files(uri))
-    return {n: _sha256_file(storage.join(uri, n)) for n in names[rank::world_size]}
-
-
-def _shard_files(uri: str) -> list[str]:
-    fs, path = storage.fs_and_path(uri)
-    entries = fs.ls(path, detail=False) if fs.exists(path) else []
-    return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.endswith(SHARD_SUFFIX)]
-
-
-def _sha256_file(uri: str) -> str:
-    fs, path = storage.fs_and_path(uri)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _is_local(uri: str) -> bool:
-    fs, _ = storage.fs_and_path(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocols))
-
-
-def _remove(uri: str) -> None:
-    fs, path = storage.fs_and_path(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-@contextlib.contextmanager
-def _writable_dir(uri: str) -> Iterator[str]:
-    """A local directory for DCP's writer (which takes local paths only); for s3:// and other
-    remote stores a private staging directory whose files (this rank's own) are uploaded after."""
-    fs, path = storage.fs_and_path(uri)
-    if _is_local(uri):
-        fs.makedirs(path, exist_ok=True)
-        yield path
-        return
-    tmp = tempfile.mkdtemp(prefix="mms-dcp-")
-    try:
-        yield tmp
-        fs.put(f"{tmp}/", path.rstrip("/") + "/", recursive=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _readable_dir(uri: str) -> Iterator[str]:
-    """A local path holding the checkpoint: the directory itself, or a downloaded copy (DCP's
-    safetensors reader opens local files only; every rank may need every shard to reshard)."""
-    fs, path = storage.fs_and_path(uri)
-    if _is_local(uri):
-        yield path
-        return
-    tmp = tempfile.mkdtemp(prefix="mms-dcp-")
-    try:
-        for entry in fs.ls(path, detail=False):
-            fs.get(entry, f"{tmp}/{entry.rstrip('/').rsplit('/', 1)[-1]}")
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _lone_rank_quiet() -> Iterator[None]:
     """DCP warns that it assumes a single process when there is no process group: so do we."""
@@ -329,6 +247,10 @@ def _lone_rank_quiet() -> Iterator[None]:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
 
 
 def _barrier() -> None:

@@ -32,7 +32,13 @@ from mms_core import storage
 from mms_core.data.shard import load_manifest
 from mms_core.data.stream import Batch, RankData, ValSet, open_rank_data, steps_per_epoch
 from mms_core.models import build_model
-from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
+from mms_core.training.checkpoint import (
+    load_latest_checkpoint,
+    progress_meta,
+    resume_point,
+    save_checkpoint,
+    state_bytes,
+)
 from mms_core.training.mfu import mfu
 from mms_core.training.optim import make_optimizer, make_scheduler, seek_schedule
 from mms_core.training.spec import EpochMetrics, RankResult, TrainJob
@@ -186,11 +192,13 @@ def _meta(step: int, epoch: int, done: int, pos: Position, ctx: _EpochContext) -
     return {
         "step": step,
         "epoch": epoch,
-        "step_in_epoch": done,
-        "steps_per_epoch": ctx.n_steps,
-        "world_size": ctx.world_size,
-        "samples": pos.samples,
-        "history": [m.model_dump() for m in pos.history],
+        **progress_meta(
+            step_in_epoch=done,
+            steps_per_epoch=ctx.n_steps,
+            world_size=ctx.world_size,
+            samples=pos.samples,
+            history=pos.history,
+        ),
     }
 
 
@@ -202,12 +210,8 @@ def _resume(
     meta = parallel.load(job=job, model=model, optimizer=optimizer)
     if meta is None:
         return Position()
+    epoch, skip = resume_point(meta, steps_per_epoch=n_steps)
     history = [EpochMetrics(**m) for m in meta.get("history", [])]
-    if meta["step_in_epoch"] >= meta["steps_per_epoch"]:
-        epoch, skip = meta["epoch"] + 1, 0
-    else:  # mid-epoch; on another world size the epoch has another step count: keep the fraction
-        epoch = meta["epoch"]
-        skip = meta["step_in_epoch"] * n_steps // meta["steps_per_epoch"]
     return Position(
         epoch=epoch, skip=skip, step=(epoch - 1) * n_steps + skip, samples=meta["samples"], history=history
     )

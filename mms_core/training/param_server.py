@@ -16,9 +16,11 @@ a ``staleness`` event (``{"kind": "staleness", "epoch", "step", "histogram": {st
 and writes a checkpoint (model + merged optimizer state, resumable). Training never waits for it.
 A failed worker task fails the run at once, with the shards closed so that no other task waits
 for ever. A lost worker (killed, out of memory, node gone) takes its shard's state with it, so
-the driver fails over as the DDP launcher does: it restarts the workers and starts the run again
-from the last checkpoint on the workers there are then, up to ``training.max_restarts`` times,
-with a ``restart`` event naming the steps that will be repeated.
+the driver fails over with the process-group launcher's code (launch.py: the same watch, the same
+``fail_over``): it closes the surviving shards, which ends the other worker tasks, and starts the
+run again from the last checkpoint on the workers there are then, up to
+``training.max_restarts`` times, with a ``restart`` event naming the steps that will be repeated.
+No worker is restarted.
 """
 
 from __future__ import annotations
@@ -39,15 +41,14 @@ from mms_core.data.shard import load_manifest
 from mms_core.data.stream import ValSet
 from mms_core.errors import TrainingError
 from mms_core.models import build_model
-from mms_core.training.checkpoint import load_latest_checkpoint, save_checkpoint, state_bytes
-from mms_core.training.launch import (
-    LOSS_GRACE_S,
-    WorkerLost,
-    choose_workers,
-    fail_over,
-    looks_like_lost_peer,
-    worker_addresses,
+from mms_core.training.checkpoint import (
+    load_latest_checkpoint,
+    progress_meta,
+    resume_point,
+    save_checkpoint,
+    state_bytes,
 )
+from mms_core.training.launch import Watch, WorkerLost, choose_workers, fail_over
 from mms_core.training.loop import params_sha256, steps_per_epoch, val_loss_accuracy
 from mms_core.training.optim import make_optimizer
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
@@ -55,8 +56,6 @@ from mms_core.training.param_server_worker import ParamLayout, plan_shards, run_
 from mms_core.training.spec import EpochMetrics, RankResult, TrainJob
 
 OnEvent = Callable[[dict[str, Any]], None]
-POLL_S = 0.01  # how often the driver looks at the actor call it waits for and at the worker tasks
-LIVENESS_EVERY_S = 1.0  # how often it asks the scheduler whether the run's workers are still there
 
 
 @dataclass
@@ -183,12 +182,18 @@ def _train(run: _Run, progress: _Progress) -> list[dict[str, Any]]:
         )
         for r, w in enumerate(run.workers)
     ]
-    watch = _Watch(run.client, workers=run.workers, tasks=tasks)
+    watch = Watch(
+        run.client,
+        workers=run.workers,
+        tasks=tasks,
+        what="param_server worker",
+        calls="param_server: a parameter-server shard",
+    )
     try:
         follower = _Follower(run, shards=actors, watch=watch)
         for clock in run.plan.marks(after=progress.clock):
             follower.mark(clock, progress)
-        return [watch.result(rank) for rank in range(len(tasks))]
+        return watch.wait(tasks)
     except WorkerLost as exc:
         exc.step = progress.clock  # the last checkpointed clock: what the restart resumes from
         raise
@@ -241,58 +246,11 @@ def _start_shards(run: _Run, *, start: int) -> tuple[list[Any], list[Any]]:
         raise TrainingError(f"starting the parameter-server actors failed: {exc!r}") from exc
 
 
-class _Watch:
-    """Waits for actor calls while watching the worker tasks and workers: a failed task or a
-    lost worker fails the run at once (the shards would otherwise wait for it for ever)."""
-
-    def __init__(self, client: Client, *, workers: list[str], tasks: list[Any]) -> None:
-        self.client, self.workers, self.tasks = client, workers, tasks
-        self.checked = time.monotonic()
-
-    def wait(self, futures: list[Any]) -> list[Any]:
-        while not all(f.done() for f in futures):
-            for rank, t in enumerate(self.tasks):
-                if t.status in ("error", "cancelled", "lost"):
-                    self.result(rank)
-            if time.monotonic() - self.checked > LIVENESS_EVERY_S:
-                self.checked = time.monotonic()
-                self._raise_if_lost()
-            time.sleep(POLL_S)
-        try:
-            return [f.result() for f in futures]
-        except Exception as exc:  # the actor's worker died, or the shard raised
-            self._blame_lost_worker(exc)
-            raise TrainingError(f"param_server: a parameter-server shard failed: {exc!r}") from exc
-
-    def result(self, rank: int) -> dict[str, Any]:
-        try:
-            return self.tasks[rank].result()
-        except Exception as exc:  # the task's own error type, or distributed's for a lost worker
-            self._blame_lost_worker(exc)
-            raise TrainingError(f"param_server worker {rank} failed: {exc!r}") from exc
-
-    def _raise_if_lost(self) -> None:
-        alive = set(worker_addresses(self.client))
-        if gone := sorted(set(self.workers) - alive):
-            raise WorkerLost(gone, remaining=len(alive), group=len(self.workers))
-
-    def _blame_lost_worker(self, exc: BaseException) -> None:
-        """Raise WorkerLost if ``exc`` came from a worker that died: a call to a dead worker's
-        actor (or a task waiting on it) may fail before the scheduler has noticed, so an error
-        that looks like a lost peer gets LOSS_GRACE_S for that; the task's own bug gets none."""
-        deadline = time.monotonic() + (LOSS_GRACE_S if looks_like_lost_peer(repr(exc)) else 0.0)
-        while True:
-            self._raise_if_lost()
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(0.2)
-
-
 class _Follower:
     """The driver's side of a run: at each mark, take the shards' snapshot, then evaluate and
     emit (at epoch ends) and checkpoint."""
 
-    def __init__(self, run: _Run, *, shards: list[Any], watch: _Watch) -> None:
+    def __init__(self, run: _Run, *, shards: list[Any], watch: Watch) -> None:
         self.run, self.shards, self.watch = run, shards, watch
         manifest = load_manifest(run.job.manifest_uri)
         self.val = ValSet(info=manifest.val, device=torch.device("cpu"))  # streamed when it has parts
@@ -344,14 +302,15 @@ class _Follower:
 
 
 def _meta(clock: int, plan: ServerPlan, progress: _Progress) -> dict[str, Any]:
-    """What resuming needs, in the DDP loop's keys where they mean the same."""
-    done = clock % plan.steps_per_epoch
+    """What resuming needs: the DDP loop's resume data, plus the staleness so far and the version."""
     return {
-        "step_in_epoch": done or plan.steps_per_epoch,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "world_size": plan.world_size,
-        "samples": progress.samples,
-        "history": [m.model_dump() for m in progress.history],
+        **progress_meta(
+            step_in_epoch=clock % plan.steps_per_epoch or plan.steps_per_epoch,
+            steps_per_epoch=plan.steps_per_epoch,
+            world_size=plan.world_size,
+            samples=progress.samples,
+            history=progress.history,
+        ),
         "staleness_histogram": _jsonable(progress.staleness),
         "version": clock * plan.versions_per_clock,
     }
@@ -364,12 +323,8 @@ def _resume(run: _Run) -> _Progress:
     meta = load_latest_checkpoint(root=run.job.checkpoint_uri, model=run.model, optimizer=run.optimizer)
     if meta is None:
         return _Progress()
-    spe = run.plan.steps_per_epoch
-    if meta["step_in_epoch"] >= meta["steps_per_epoch"]:
-        epoch, skip = meta["epoch"] + 1, 0
-    else:  # mid-epoch; another world size gives the epoch another step count: keep the fraction
-        epoch, skip = meta["epoch"], meta["step_in_epoch"] * spe // meta["steps_per_epoch"]
-    clock = min((epoch - 1) * spe + skip, run.plan.total_clocks)
+    epoch, skip = resume_point(meta, steps_per_epoch=run.plan.steps_per_epoch)
+    clock = min((epoch - 1) * run.plan.steps_per_epoch + skip, run.plan.total_clocks)
     run.emit({"kind": "resume", "step": clock, "epoch": epoch, "skip": skip})
     return _Progress(
         clock=clock,
