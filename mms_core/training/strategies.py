@@ -12,6 +12,7 @@ from typing import Any
 
 from distributed import Client
 
+from mms_core.training.checkpoint import clear_checkpoints
 from mms_core.training.ddp import run_ddp
 from mms_core.training.fedavg import run_fedavg
 from mms_core.training.fsdp import run_fsdp
@@ -32,7 +33,15 @@ STRATEGIES: dict[str, Strategy] = {
 def run_strategy(
     *, client: Client, job: TrainJob, on_event: Callable[[dict[str, Any]], None] | None = None
 ) -> list[RankResult]:
-    """Train ``job`` with the strategy its spec names (``job.train.strategy``)."""
+    """Train ``job`` with the strategy its spec names (``job.train.strategy``).
+
+    ``training.resume=false`` means "do not resume from an earlier run": the checkpoints under
+    the job's key are deleted first, and the run then resumes from its own checkpoints only, so a
+    fail-over restart after a lost worker continues this run instead of starting it over.
+    """
+    if not job.train.resume:
+        clear_checkpoints(job.checkpoint_uri)
+        job = job.model_copy(update={"train": job.train.model_copy(update={"resume": True})})
     return STRATEGIES[job.train.strategy](client=client, job=job, on_event=on_event)
 
 

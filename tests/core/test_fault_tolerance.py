@@ -1,6 +1,7 @@
 """Training survives faults: resume from the last checkpoint (bit-exact), skip a corrupt checkpoint,
 and finish a DDP run on a real 3-worker LocalCluster after one worker process is SIGKILLed."""
 
+import os
 import shutil
 import threading
 
@@ -12,6 +13,7 @@ from mms_core.training.checkpoint import list_checkpoints
 from mms_core.training.ddp import run_ddp
 from mms_core.training.loop import steps_per_epoch, train_rank
 from mms_core.training.spec import TrainJob, TrainSpec
+from mms_core.training.strategies import run_strategy
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,13 @@ def cluster3(training_cluster):
 
 @pytest.mark.slow
 def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_uri, tmp_path, kill_worker):
+    """A rank's worker is SIGKILLed: the job re-places its ranks on the workers there are and
+    resumes from its last checkpoint; the surviving workers are never restarted. The run has
+    training.resume=false over a key holding a finished earlier run's checkpoints: those are
+    cleared first, and the fail-over resumes from this run's own."""
     reference = run_ddp(client=cluster3, job=_ddp_job(manifest_uri, tmp_path / "ref"))[0]
+    shutil.copytree(tmp_path / "ref" / "ckpt", tmp_path / "run" / "ckpt")  # would resume at the end
+    pids = cluster3.run(os.getpid)
 
     events: list[dict] = []
     killed: list[int] = []
@@ -134,8 +142,10 @@ def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_
             killed.append(kill_worker(cluster3, 1))  # rank 1's worker
 
     job = _ddp_job(manifest_uri, tmp_path / "run")
-    results = run_ddp(client=cluster3, job=job, on_event=on_event)
+    job = job.model_copy(update={"train": job.train.model_copy(update={"resume": False})})
+    results = run_strategy(client=cluster3, job=job, on_event=on_event)
     assert killed, "training ended before the worker could be killed: make the run longer"
+    assert events[0]["kind"] != "resume"  # the earlier run's checkpoints were cleared
     restarts = [e for e in events if e["kind"] == "restart"]
     resumes = [e for e in events if e["kind"] == "resume"]
     assert len(restarts) == 1 and len(resumes) == 1, (restarts, resumes)
@@ -147,6 +157,9 @@ def test_killing_one_of_three_workers_mid_run_still_finishes(cluster3, manifest_
     assert [m.epoch for m in r0.history] == list(range(1, EPOCHS + 1))
     assert abs(r0.history[-1].val_accuracy - reference.history[-1].val_accuracy) <= 0.01
     assert len(results) in (2, 3) and len({r.params_sha256 for r in results}) == 1
+    survivors = {addr: pid for addr, pid in pids.items() if pid != killed[0]}
+    now = cluster3.run(os.getpid)
+    assert len(survivors) == 2 and all(now.get(addr) == pid for addr, pid in survivors.items()), (pids, now)
     assert threading.active_count() < 100
 
 
