@@ -449,14 +449,16 @@ def test_killing_a_worker_mid_run_restarts_from_the_last_checkpoint_with_the_sam
     sync_run, client, tmp_path, kill_worker
 ):
     """SIGKILL one of the two workers at the end of epoch 1: its shard's state is gone, so the
-    driver restarts the workers and resumes from the last checkpoint. Bound 0 is deterministic and
-    the nanny brings the worker back (same world size), so the run ends bit-identical."""
+    driver closes the other shard (ending the surviving worker task) and resumes from the last
+    checkpoint; the surviving worker is not restarted. Bound 0 is deterministic and the nanny
+    brings the killed worker back (same world size), so the run ends bit-identical."""
     done = sync_run["results"][0]
     job = sync_run["job"].model_copy(
         update={"output_uri": str(tmp_path / "weights.safetensors"), "checkpoint_uri": str(tmp_path / "ckpt")}
     )
     killed: list[int] = []
     rec = Recorder()
+    pids = client.run(os.getpid)
 
     def on_event(ev: dict) -> None:
         rec(ev)
@@ -465,6 +467,8 @@ def test_killing_a_worker_mid_run_restarts_from_the_last_checkpoint_with_the_sam
 
     result = run_param_server(client=client, job=job, on_event=on_event)[0]
     assert killed
+    survivor = next(addr for addr, pid in pids.items() if pid != killed[0])
+    assert client.run(os.getpid)[survivor] == pids[survivor]
     [restart] = rec.kind("restart")
     assert "left the cluster" in restart["reason"]
     [resume] = rec.kind("resume")
