@@ -133,6 +133,7 @@ def _launch_once(
         _wind_down(client, futures, chosen)
         client.unsubscribe_topic(topic)
         client.cancel(futures)
+        stop.clear()  # the scheduler keeps a set event for ever; cancelled ranks never start
 
 
 def _wind_down(client: Client, futures: list, chosen: list[str]) -> None:
