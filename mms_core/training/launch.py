@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from distributed import Client, Event, get_worker
+from distributed import Client, Event, get_worker, secede
 
 from mms_core.errors import TrainingError
 from mms_core.training.rank_process import supervise
@@ -287,6 +287,9 @@ def _rank_task(call: dict[str, Any], *, topic: str) -> RankResult:
     out as this worker's events on ``topic``; the job's stop event ends it."""
     worker = get_worker()
     stop = Event(f"{topic}-stop")
+    # The rank computes in its own process: this task only relays, so it gives its slot in the
+    # worker's thread pool back to other tasks (the cluster's other tenants) while it waits.
+    secede()
     return supervise(
         call,
         emit=lambda ev: worker.log_event(topic, ev),
