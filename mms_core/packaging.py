@@ -7,6 +7,10 @@ what every server and worker builds. So a load imports only the zoo and the oper
 ``MMS_TRUSTED_MODEL_MODULES`` (see :func:`mms_core.models.zoo.trusted_modules`), binds the
 package's kwargs to the builder's signature before calling it, and checks the weights against
 the sha256 the package recorded when it was written.
+
+What turns rows into labels (standardise, run the network, map the argmax to a class) is
+mms_portable's Predictor, the code every registered model carries so that it loads without MMS:
+the predictor here adds the typed config and the trust boundary around it.
 """
 
 from __future__ import annotations
@@ -16,22 +20,17 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import pandas as pd
-import torch
 from pydantic import BaseModel, Field
-from safetensors.torch import load as st_load
 from torch import nn
 
 from mms_core import storage
-from mms_core.compress import load_quantized
 from mms_core.data.shard import Manifest
 from mms_core.errors import ModelLoadError
 from mms_core.models import ModelSpec, build_model
 from mms_core.models.zoo import builder_module, trusted_modules
-
-WEIGHTS = "weights.safetensors"
-CONFIG = "mms_model.json"
+from mms_portable import predictor as portable
+from mms_portable.errors import PortableModelError
+from mms_portable.predictor import CONFIG, WEIGHTS
 
 
 class PackageConfig(BaseModel):
@@ -97,15 +96,12 @@ def check_weights(*, config: PackageConfig, weights: bytes) -> None:
     Raises:
         ModelLoadError: naming the package's model and format, and both hashes.
     """
-    if config.weights_sha256 is None:
-        return  # registered before packages recorded a hash
-    actual = storage.sha256_bytes(weights)
-    if actual != config.weights_sha256:
-        raise ModelLoadError(
-            f"package of model {config.model.name!r} ({config.format}) has weights with sha256 {actual},"
-            f" not the {config.weights_sha256} it recorded when written: the weights were altered or"
-            " corrupted after packaging; load an intact version or re-register the model from its run"
+    try:
+        portable.check_weights(
+            model=config.model.name, format=config.format, recorded=config.weights_sha256, weights=weights
         )
+    except PortableModelError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def build_from_bytes(
@@ -131,13 +127,10 @@ def build_from_bytes(
     model = build_model(
         spec=config.model, in_features=len(config.features), n_classes=len(config.classes), trusted=trusted
     )
-    if config.format == "int8":
-        return load_quantized(model=model, data=weights)
-    model.load_state_dict(st_load(weights))
-    return model.eval()
+    return portable.load_weights(model=model, weights=weights, format=config.format)
 
 
-class Predictor:
+class Predictor(portable.Predictor):
     """Scales raw feature rows with the training stats and returns class labels (or probabilities)."""
 
     def __init__(
@@ -145,39 +138,16 @@ class Predictor:
     ) -> None:
         """Build the network (see :func:`build_from_bytes` for ``trusted`` and the checks)."""
         self.config = config
-        self.model = build_from_bytes(config=config, weights=weights, trusted=trusted)
-        self._mean = np.asarray(config.mean, dtype=np.float32)
-        self._std = np.asarray(config.std, dtype=np.float32)
+        super().__init__(
+            model=build_from_bytes(config=config, weights=weights, trusted=trusted),
+            features=config.features,
+            classes=config.classes,
+            mean=config.mean,
+            std=config.std,
+        )
 
     @classmethod
     def from_directory(cls, directory: Path, *, trusted: Collection[str] | None = None) -> Predictor:
         """The predictor of the package :func:`write_package` stored in ``directory``."""
         config, weights = read_package(directory)
         return cls(config=config, weights=weights, trusted=trusted)
-
-    def check_columns(self, columns: list[str]) -> None:
-        missing = [c for c in self.config.features if c not in columns]
-        if missing:
-            raise ValueError(
-                f"input is missing {len(missing)} feature column(s) the model needs, e.g. {missing[:5]}; "
-                f"expected columns: {self.config.features[:5]}..."
-            )
-
-    def logits(self, frame: pd.DataFrame) -> torch.Tensor:
-        self.check_columns(list(frame.columns))
-        return self.logits_array(frame[self.config.features].to_numpy(dtype=np.float32))
-
-    @torch.no_grad()
-    def logits_array(self, x: np.ndarray) -> torch.Tensor:
-        """Logits for raw rows already in feature order (float32, shape [rows, features])."""
-        return self.model(torch.from_numpy(np.ascontiguousarray((x - self._mean) / self._std)))
-
-    def predict_array(self, x: np.ndarray) -> np.ndarray:
-        """Class labels for raw rows in feature order: the online and streaming paths (no pandas)."""
-        return np.asarray(self.config.classes)[self.logits_array(x).argmax(1).numpy()]
-
-    def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        return np.asarray(self.config.classes)[self.logits(frame).argmax(1).numpy()]
-
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        return torch.softmax(self.logits(frame), dim=1).numpy()

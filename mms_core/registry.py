@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,15 @@ from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+import mms_portable
 from mms_core.errors import ModelLoadError
 from mms_core.models.zoo import builder_module, trusting
 from mms_core.packaging import PackageConfig, Predictor, read_package, write_package
 from mms_core.secrets import redact_text
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+# Logged beside the pyfunc (MLflow ``code_paths``): the networks and the predictor it loads.
+PORTABLE_CODE = Path(mms_portable.__file__).parent
 TAG_VARIANT = "mms.variant"
 TAG_ACCURACY = "mms.test_accuracy"
 
@@ -44,6 +48,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # these two loggers, and only below WARNING: MLflow's warnings and errors still show.
 for _name in ("mlflow.store.db.utils", "mlflow.pyfunc"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+log = logging.getLogger(__name__)
 
 
 def client(*, tracking_uri: str) -> MlflowClient:
@@ -116,6 +122,10 @@ def register_package(
     Idempotent: if ``run_id`` already has a version of ``name`` with the same variant tag, that
     version is returned and nothing new is logged. Returns the version number as a string.
 
+    The logged model carries its code (mms_portable, see :func:`model_requirements`), so a built-in
+    network loads and serves with MLflow alone. A user model does not travel: it still needs MMS
+    and its module where it loads, and registering one logs a warning saying so.
+
     For the training run that made ``config`` (its own model): the model's module is trusted while
     the package is checked and logged here, without MMS_TRUSTED_MODEL_MODULES; every later load
     (servers, workers, ``mlflow.pyfunc.load_model``) needs the operator's setting.
@@ -127,6 +137,8 @@ def register_package(
     # The run's own model (its spec named it, it just trained): trusted here whatever the operator
     # lists, as MLflow loads the pyfunc back below. Servers and workers still need the setting.
     own = builder_module(config.model.name)
+    if own:
+        _warn_user_model(name=name, model=config.model.name, module=own)
     with tempfile.TemporaryDirectory() as tmp, trusting(modules=[own] if own else []):
         package = write_package(directory=Path(tmp) / "package", config=config, weights=weights)
         predictions = Predictor.from_directory(package).predict(example)
@@ -134,11 +146,12 @@ def register_package(
             info = mlflow.pyfunc.log_model(
                 name=f"model-{tags[TAG_VARIANT]}",
                 python_model=str(PYFUNC_CODE),
+                code_paths=[str(PORTABLE_CODE)],
                 artifacts={"package": str(package)},
                 signature=infer_signature(example, predictions),
                 input_example=example,
                 # Requirement inference imports and profiles the model: slow, and we know them.
-                pip_requirements=["torch", "safetensors", "pandas", "numpy", "mms"],
+                pip_requirements=model_requirements(),
             )
     return _create_version(
         c,
@@ -147,6 +160,32 @@ def register_package(
         run_id=run_id,
         tags={**tags, "mms.run_id": run_id},
         description=f"{tags[TAG_VARIANT]} model from run {run_id}",
+    )
+
+
+def model_requirements() -> list[str]:
+    """What a logged model needs installed: mlflow and mms_portable's dependencies, pinned.
+
+    Published names only, each at the version installed here (the one the model was checked with).
+    A local version label (torch's ``+cpu``) is dropped: the package index has no such file, and
+    its ``torch==2.13.0`` is the same release (built for CUDA on Linux). Never ``mms``: no such
+    package is published, so a restore could not install it, and whoever published one would have
+    it installed by every restore.
+    """
+    dists = ("mlflow", *mms_portable.DEPENDENCIES)
+    return [f"{dist}=={installed_version(dist).partition('+')[0]}" for dist in dists]
+
+
+def _warn_user_model(*, name: str, model: str, module: str) -> None:
+    log.warning(
+        "registered model %r is the user model %r, not one of MMS's built-in networks: its versions load"
+        " only where MMS and the module %r are installed, with %r listed in MMS_TRUSTED_MODEL_MODULES"
+        " (mlflow.pyfunc.load_model and `mlflow models serve` elsewhere cannot rebuild it; its"
+        " requirements name neither)",
+        name,
+        model,
+        module,
+        module,
     )
 
 

@@ -1,4 +1,7 @@
-"""Built-in models and loading a user's ``pkg.module:build_fn``.
+"""The model zoo: the built-in networks and loading a user's ``pkg.module:build_fn``.
+
+The built-in networks (``mlp``, ``cnn``, ``gpt``) live in mms_portable, which every registered
+model carries so that it loads without MMS; a user's module does not travel with its model.
 
 A run's own spec may name any module (it is the user's code, in the user's run). A registered
 package is loaded on servers and workers shared by everyone, so loading one imports only the zoo
@@ -9,26 +12,27 @@ keyword arguments, and returns an ``nn.Module`` mapping (batch, in_features) -> 
 
 For the language model ``gpt`` a row is a window of token ids: ``in_features`` is the sequence
 length and ``n_classes`` the vocabulary; its logits are (batch, n_classes, seq), one prediction
-per position with the class dimension second (see models/gpt.py).
+per position with the class dimension second (see mms_portable/gpt.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import math
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from mms_core.config import Settings
 from mms_core.errors import ModelLoadError
-from mms_core.models.gpt import gpt
+from mms_portable.errors import PortableModelError
+from mms_portable.zoo import ZOO, builder_kwargs
+from mms_portable.zoo import cnn as cnn  # re-exported: user models build on the zoo's networks
+from mms_portable.zoo import mlp as mlp
 
 
 class ModelSpec(BaseModel):
@@ -44,49 +48,6 @@ class ModelSpec(BaseModel):
     )
 
 
-def mlp(
-    *, in_features: int, n_classes: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.1
-) -> nn.Module:
-    """A plain multi-layer perceptron."""
-    layers: list[nn.Module] = []
-    width = in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
-        width = h
-    layers.append(nn.Linear(width, n_classes))
-    return nn.Sequential(*layers)
-
-
-class _SquareCNN(nn.Module):
-    """Treats the feature vector as a one-channel square image (digits: 8x8)."""
-
-    def __init__(self, *, side: int, n_classes: int, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.side = side
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, channels * 2, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels * 2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.view(-1, 1, self.side, self.side)))
-
-
-def cnn(*, in_features: int, n_classes: int, channels: int = 16, hidden: int = 64) -> nn.Module:
-    """A small CNN; needs a square number of features."""
-    side = math.isqrt(in_features)
-    if side * side != in_features:
-        raise ModelLoadError(f"model 'cnn' needs a square number of features (got {in_features}); use 'mlp'")
-    return _SquareCNN(side=side, n_classes=n_classes, channels=channels, hidden=hidden)
-
-
-ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 TRUSTED_ENV = "MMS_TRUSTED_MODEL_MODULES"
 
 # Modules a block of code trusts on top of the operator's list, for package loads it cannot pass
@@ -232,9 +193,7 @@ def build_model(
             returns something other than an ``nn.Module``.
     """
     builder = resolve_builder(spec.name, trusted=trusted)
-    kwargs = dict(spec.kwargs)
-    if "hidden" in kwargs and isinstance(kwargs["hidden"], list):
-        kwargs["hidden"] = tuple(kwargs["hidden"])
+    kwargs = builder_kwargs(spec.kwargs)
     check_arguments(
         name=spec.name, builder=builder, kwargs={"in_features": in_features, "n_classes": n_classes, **kwargs}
     )
@@ -242,6 +201,8 @@ def build_model(
         model = builder(in_features=in_features, n_classes=n_classes, **kwargs)
     except ModelLoadError:
         raise
+    except PortableModelError as exc:  # a built-in network refused the input width or its kwargs
+        raise ModelLoadError(str(exc)) from exc
     except TypeError as exc:
         raise ModelLoadError(f"model {spec.name!r} rejected its arguments {sorted(kwargs)}: {exc}") from exc
     if not isinstance(model, nn.Module):

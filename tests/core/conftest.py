@@ -1,9 +1,13 @@
-"""Fixtures shared by the training tests: the digits dataset sharded, and Dask clusters of
-worker processes set up the way training strategies need them."""
+"""Fixtures shared by the core tests: the digits dataset sharded, Dask clusters of worker
+processes set up the way training strategies need them, a user model module, and MLflow's global
+tracking URI pointed at a test's store."""
 
 import contextlib
 import os
 import signal
+import sys
+import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 
 import dask
@@ -76,3 +80,57 @@ def kill_worker() -> Callable[..., int]:
         return victim
 
     return kill
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a module with a few builders to tmp_path and put it on sys.path; returns its (unique) name."""
+    name = f"mms_user_model_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def build(*, in_features, n_classes, width=12):
+                return nn.Sequential(nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, n_classes))
+
+            def not_a_module(*, in_features, n_classes):
+                return {"in": in_features, "out": n_classes}
+
+            def strict(*, in_features, n_classes):
+                return nn.Linear(in_features, n_classes)
+
+            NOT_CALLABLE = 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    yield name
+    sys.modules.pop(name, None)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[str]:
+    import mlflow  # here: most core tests never touch MLflow, and importing it takes a second or two
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    prev_uri, prev_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(prev_uri)
+        if prev_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = prev_env
+
+
+@pytest.fixture(scope="session")
+def global_tracking_uri() -> Callable[[str], contextlib.AbstractContextManager[str]]:
+    """``with global_tracking_uri(uri):`` MLflow's global tracking URI (which ``models:/`` URIs
+    resolve through) is ``uri`` inside; runs left active are ended and the previous URI is put back."""
+    return _global_tracking_uri

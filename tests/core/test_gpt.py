@@ -13,10 +13,10 @@ from mms_core.data.shard import ShardSpec, load_manifest, preprocess_and_shard, 
 from mms_core.errors import ModelLoadError
 from mms_core.evaluate import evaluate
 from mms_core.models import ModelSpec, build_model
-from mms_core.models import gpt as gpt_mod
 from mms_core.training import mfu as mfu_mod
 from mms_core.training.loop import forward_loss, train_rank
 from mms_core.training.spec import TrainJob, TrainSpec
+from mms_portable import gpt as gpt_mod
 
 SEQ, VOCAB = 16, 256
 

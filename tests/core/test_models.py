@@ -1,8 +1,5 @@
 """mms_core.models.zoo: built-in models and user models by 'pkg.module:build_fn'."""
 
-import textwrap
-import uuid
-
 import pytest
 import torch
 from torch import nn
@@ -47,34 +44,6 @@ def test_cnn_rejects_non_square_features(in_features):
     msg = str(info.value)
     assert "square number of features" in msg and f"got {in_features}" in msg
     assert "use 'mlp'" in msg
-
-
-@pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    """Write a module with a few builders to tmp_path and put it on sys.path; returns its (unique) name."""
-    name = f"mms_user_model_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(
-        textwrap.dedent(
-            """
-            from torch import nn
-
-            def build(*, in_features, n_classes, width=12):
-                return nn.Sequential(nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, n_classes))
-
-            def not_a_module(*, in_features, n_classes):
-                return {"in": in_features, "out": n_classes}
-
-            def strict(*, in_features, n_classes):
-                return nn.Linear(in_features, n_classes)
-
-            NOT_CALLABLE = 42
-            """
-        )
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(__import__("sys").modules, name, raising=False)
-    yield name
-    __import__("sys").modules.pop(name, None)
 
 
 def test_user_model_by_import_path(user_module):

@@ -1,7 +1,6 @@
 """MLflow registry on a real sqlite store in tmp_path: experiments, runs, idempotent registration,
 gate-driven aliases, the int8 sibling, and loading the registered pyfunc (models from code)."""
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -10,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
-from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from mms_core import registry, steps, storage
 from mms_core.compress import CompressSpec
@@ -29,20 +27,11 @@ MLP = ModelSpec(name="mlp")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, global_tracking_uri):
     """A fresh MLflow sqlite store; the global tracking URI is put back afterwards."""
     root = tmp_path_factory.mktemp("mlflow")
-    prev_uri, prev_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        yield {"uri": f"sqlite:///{root}/mlflow.db", "artifacts": root.as_uri() + "/artifacts", "root": root}
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(prev_uri)
-        if prev_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = prev_env
+    with global_tracking_uri(f"sqlite:///{root}/mlflow.db") as uri:
+        yield {"uri": uri, "artifacts": root.as_uri() + "/artifacts", "root": root}
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,10 @@ import sys
 import textwrap
 import uuid
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow.tracking._tracking_service import utils as tracking_utils
 from torch import nn
 
 from mms_core import registry, steps, storage
@@ -214,21 +212,10 @@ def test_training_run_builds_its_own_user_model_without_the_setting(user_pkg, di
 
 
 @pytest.fixture
-def tracking(tmp_path):
+def tracking(tmp_path, global_tracking_uri):
     """A fresh MLflow sqlite store; the global tracking URI is put back afterwards."""
-    prev_uri, prev_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    try:
+    with global_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db") as uri:
         yield uri, (tmp_path / "artifacts").as_uri()
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(prev_uri)
-        if prev_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = prev_env
 
 
 def test_run_registers_its_user_model_but_loading_it_needs_the_setting(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mms_core.errors import ModelLoadError
+from mms_portable.errors import PortableModelError
 
 # (n_layer, n_head, n_embd). The gpt2* rows are the published GPT-2 sizes (124M .. 1.5B with the
 # 50257-token vocabulary and 1024 positions); tiny and mini are for CPUs and tests.
@@ -187,13 +187,13 @@ def gpt(
         compile: ``torch.compile`` the training forward (and loss) when it runs on CUDA.
     """
     if size not in SIZES:
-        raise ModelLoadError(
+        raise PortableModelError(
             f"unknown GPT size {size!r}; use one of {sorted(SIZES)} or set n_layer/n_head/n_embd"
         )
     layers, heads, width = SIZES[size]
     layers, heads, width = n_layer or layers, n_head or heads, n_embd or width
     if width % heads:
-        raise ModelLoadError(f"GPT n_embd={width} must be a multiple of n_head={heads}")
+        raise PortableModelError(f"GPT n_embd={width} must be a multiple of n_head={heads}")
     rows = max(vocab_size or n_classes, n_classes)
     rows = -(-rows // pad_vocab_to) * pad_vocab_to if pad_vocab_to > 1 else rows
     cfg = GPTConfig(
