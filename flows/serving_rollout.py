@@ -6,7 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from mms_core.config import Settings
-from mms_core.serving.rollout import RolloutDecision, RolloutSpec, log_decision
+from mms_core.serving.rollout import RolloutDecision, RolloutSpec
 from tasks import rollout
 
 
@@ -22,7 +22,7 @@ def serving_rollout(spec: RolloutSpec | None = None) -> RolloutDecision:
         spec=spec, tracking_uri=settings.tracking_uri, version=version, previous=previous,
         canary=canary, current=current,
     )  # fmt: skip
-    run_id = log_decision(
+    run_id = rollout.log_decision(
         tracking_uri=settings.tracking_uri, artifact_root=settings.artifact_root, decision=decision
     )
     create_markdown_artifact(

@@ -6,12 +6,12 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from infra.cluster import dask_client_in_background
-from mms_core import registry, steps
+from mms_core import steps
 from mms_core.config import Settings
 from mms_core.evaluate import EvalResult
 from mms_core.spec import PipelineSpec
 from tasks import pipeline as t
-from tasks.common import flow_run_id
+from tasks.common import end_run, end_run_failed, flow_run_id
 
 
 class PipelineResult(BaseModel):
@@ -35,7 +35,7 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
     """Train, evaluate, compress and register one model as described by ``spec``."""
     settings = Settings()
     tracking, root = settings.tracking_uri, settings.storage_root
-    steps.check_model(spec=spec.model)  # a bad model path fails here, before any work
+    t.check_model(spec=spec.model)  # a bad model path fails here, before any work
     # The cluster starts while a built-in dataset is generated and sharded; a file source is
     # ingested and sharded on its workers.
     with dask_client_in_background(settings) as cluster:
@@ -68,9 +68,9 @@ def training_pipeline(spec: PipelineSpec = PipelineSpec()) -> PipelineResult:  #
             compressed = t.compress(**common) if compressing else None
             registration = t.register(**common, evaluation=evaluation, compressed=compressed)
         except BaseException:
-            registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
+            end_run_failed(tracking_uri=tracking, run_id=run_id)
             raise
-    registry.end_run(tracking_uri=tracking, run_id=run_id)
+    end_run(tracking_uri=tracking, run_id=run_id)
     get_run_logger().info(
         "run %s done: %s v%s -> %s",
         run_id,

@@ -9,13 +9,13 @@ from pydantic import BaseModel
 
 from flows.training_pipeline import PipelineResult, training_pipeline
 from infra.cluster import dask_client_in_background
-from mms_core import registry, steps
 from mms_core.config import Settings
 from mms_core.spec import PipelineSpec
 from mms_core.tuning.space import TuneSpec, best_spec, check_space
 from mms_core.tuning.study import StudyResult
 from tasks import pipeline as tp
 from tasks import tuning as t
+from tasks.common import end_run, end_run_failed
 
 
 class TuningResult(BaseModel):
@@ -35,7 +35,7 @@ def tuning(
 ) -> TuningResult:
     """Search ``tune.params`` around ``spec``; retrain and register the best configuration."""
     check_space(spec=spec, tune=tune)  # an empty or inconsistent space fails before any work
-    steps.check_model(spec=spec.model)
+    tp.check_model(spec=spec.model)
     settings = Settings()
     tracking, root = settings.tracking_uri, settings.storage_root
     with dask_client_in_background(settings) as cluster:
@@ -58,9 +58,9 @@ def tuning(
                 parent_run_id=run_id,
             )
         except BaseException:
-            registry.end_run(tracking_uri=tracking, run_id=run_id, status="FAILED")
+            end_run_failed(tracking_uri=tracking, run_id=run_id)
             raise
-    registry.end_run(tracking_uri=tracking, run_id=run_id)
+    end_run(tracking_uri=tracking, run_id=run_id)
     create_markdown_artifact(key="tuning", markdown=report(study), description=f"study {study.study_name}")
     best = best_spec(spec=spec, params=study.best_params) if study.best_number is not None else None
     retrained = None

@@ -11,6 +11,7 @@ from mms_core import registry, steps, storage
 from mms_core.data.ingest import DataSpec, IngestResult, is_builtin
 from mms_core.data.shard import ShardSpec, load_manifest
 from mms_core.evaluate import EvalResult
+from mms_core.models import ModelSpec
 from mms_core.plots import confusion_png, training_curves_png
 from mms_core.secrets import redact_url
 from mms_core.spec import PipelineSpec
@@ -21,6 +22,14 @@ from tasks.training_events import TrainingEvents
 
 if TYPE_CHECKING:  # the flow owns the cluster; this task only waits for its client
     from infra.cluster import ClusterInBackground
+
+
+# No retries: every failure is a ModelLoadError (a bad name or import path), never transient.
+@task(name="check-model", cache_policy=NONE)
+def check_model(*, spec: ModelSpec) -> None:
+    """Resolve the model's builder (importing a user's module) before any work is done."""
+    steps.check_model(spec=spec)
+    get_run_logger().info("model %s resolves", spec.name)
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NONE)

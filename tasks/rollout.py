@@ -8,6 +8,7 @@ from prefect.cache_policies import NONE
 from mms_core.secrets import redact_url
 from mms_core.serving import rollout
 from mms_core.serving.rollout import RolloutDecision, RolloutSpec, VersionStats
+from tasks.common import transient
 
 
 @task(name="resolve-candidate", cache_policy=NONE)
@@ -56,3 +57,11 @@ def decide(
     log = get_run_logger()
     (log.warning if reasons else log.info)("v%s %s: %s", version, decision.decision, reasons or "gate passed")
     return decision
+
+
+# A retry logs a fresh run; log_decision marks a run it could not complete FAILED.
+@task(name="log-decision", cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
+def log_decision(*, tracking_uri: str, artifact_root: str | None, decision: RolloutDecision) -> str:
+    run_id = rollout.log_decision(tracking_uri=tracking_uri, artifact_root=artifact_root, decision=decision)
+    get_run_logger().info("decision logged to MLflow run %s", run_id)
+    return run_id

@@ -9,6 +9,7 @@ The server keeps answering from the current version throughout, so no request fa
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
@@ -174,12 +175,18 @@ def log_decision(*, tracking_uri: str, artifact_root: str | None, decision: Roll
     metrics = {f"canary_{k}": float(v) for k, v in decision.canary.model_dump().items()}
     if decision.current:
         metrics |= {f"current_{k}": float(v) for k, v in decision.current.model_dump().items()}
-    registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics=metrics)
-    registry.log_artifact_bytes(
-        tracking_uri=tracking_uri, run_id=run_id, name="decision.json",
-        data=decision.model_dump_json(indent=2).encode(),
-    )  # fmt: skip
-    registry.end_run(tracking_uri=tracking_uri, run_id=run_id)
+    try:
+        registry.log_metrics(tracking_uri=tracking_uri, run_id=run_id, metrics=metrics)
+        registry.log_artifact_bytes(
+            tracking_uri=tracking_uri, run_id=run_id, name="decision.json",
+            data=decision.model_dump_json(indent=2).encode(),
+        )  # fmt: skip
+        registry.end_run(tracking_uri=tracking_uri, run_id=run_id)
+    except Exception:
+        # The caller's retry logs a fresh run: leave this one FAILED rather than RUNNING for ever.
+        with contextlib.suppress(Exception):
+            registry.end_run(tracking_uri=tracking_uri, run_id=run_id, status="FAILED")
+        raise
     return run_id
 
 

@@ -94,13 +94,27 @@ def _mlflow_decisions(tracking: str) -> list[str]:
     return [r.data.tags["mms.decision"] for r in client.search_runs([exp.experiment_id])]
 
 
+def _task_names(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+    return [r.name.rsplit("-", 1)[0] for r in runs]
+
+
 def test_good_version_is_promoted_without_a_failed_request(served):
     from flows.serving_rollout import serving_rollout
 
     url, tracking, v1, v2, admin = served
     spec = _spec(url, admin, min_requests=10, max_p95_ms=5000)
     with Load(url) as load:
-        decision = serving_rollout(spec=spec)
+        state = serving_rollout(spec=spec, return_state=True)
+        decision = state.result()
         after = len(load.results)
         while len(load.results) < after + 30:
             load.stop.wait(0.05)
@@ -113,6 +127,10 @@ def test_good_version_is_promoted_without_a_failed_request(served):
     assert registry.alias_version(tracking_uri=tracking, name=NAME, alias="champion") == v2
     assert [v["version"] for v in httpx.get(f"{url}/v1/models").json()["models"][0]["versions"]] == [v2]
     assert _mlflow_decisions(tracking) == ["promoted"]
+    # Every side effect is a task run of the flow run (the report artifact aside).
+    assert _task_names(state.state_details.flow_run_id) == [
+        "resolve-candidate", "start-canary", "observe-canary", "decide", "log-decision",
+    ]  # fmt: skip
 
 
 def test_version_failing_the_gate_is_rolled_back_without_a_failed_request(served):

@@ -60,6 +60,8 @@ def test_pipeline_registers_champion_with_lineage_then_reuses_shards(mms_home):
         a.path for a in client.list_artifacts(first.run_id)
     }
     assert client.get_run(first.run_id).info.status == "FINISHED"
+    states = _task_states(first.flow_run_id)  # side effects are task runs, the run's end included
+    assert states["check-model"] == states["end-run"] == states["register"] == "Completed"
 
     # Same data + shard config: the shard task is served from Prefect's cache, same manifest.
     # A run that misses the minimum is registered as the candidate; the champion stays.
@@ -126,6 +128,8 @@ def test_corrupt_shard_fails_the_run_naming_the_shard_and_registers_nothing(mms_
         [_registry(mms_home).get_experiment_by_name("test-flows").experiment_id]
     )
     assert [r.info.status for r in runs] == ["FAILED"]
+    states = _task_states(runs[0].data.tags["mms.prefect_flow_run_id"])
+    assert states["train"] == "Failed" and states["end-run"] == "Completed"  # the FAILED end, a task
 
 
 def test_shard_cache_rebuilds_when_cached_shards_were_deleted(mms_home):

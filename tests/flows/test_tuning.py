@@ -4,6 +4,8 @@ sqlite in MMS_HOME. The best trial's configuration is retrained and registered."
 import optuna
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.tuning import tuning
 from mms_core.errors import SpecError
@@ -37,6 +39,15 @@ def test_study_runs_trials_as_nested_runs_then_registers_the_best(mms_home):
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{mms_home / 'mlflow.db'}")
     parent = mlflow.get_run(result.study_run_id)
     assert parent.data.metrics["completed_trials"] == study.completed
+    assert parent.info.status == "FINISHED"
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[parent.data.tags["mms.prefect_flow_run_id"]])
+            )
+        )
+    states = {r.name.rsplit("-", 1)[0]: r.state.name for r in tasks}
+    assert states["check-model"] == states["end-run"] == states["run-trials"] == "Completed"
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
     assert {"optimization_history.png", "param_importances.png"} <= {
         a.path for a in mlflow.list_artifacts(result.study_run_id)
