@@ -6,10 +6,11 @@ costs one Dask message per batch instead of one per request, and keeps every que
 place for load shedding.
 
 Isolation: every request is checked to be a float32 ``[rows, width]`` matrix before it may join a
-queue, so stacking a batch cannot fail; a batch the model raises on is retried request by request,
-so only the request that breaks the model gets the error; a call that does not return within the
-request deadline is handed back (``on_lost``) and the replica is taken out. Whatever happens, the
-queued and in-flight counts return to zero. Written by hand: no library batches onto Dask actors.
+queue, so stacking a batch cannot fail; a batch the model raises on (``ModelFailed``) is retried
+request by request, so only the request that breaks the model gets the error; a call that fails any
+other way (a dead or closing worker, a closed connection) or does not return within the request
+deadline is handed back (``on_lost``) and the replica is taken out. Whatever happens, the queued and
+in-flight counts return to zero. Written by hand: no library batches onto Dask actors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mms_core.serving.online.errors import ReplicaError
+from mms_core.serving.online.replica import ModelFailed
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class Pending:
             self.future.set_result(result)
 
 
-Call = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, float]]]  # rows -> (labels, compute ms)
+# rows -> (labels, compute ms); raises ModelFailed when the model raised, anything else: replica lost
+Call = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, float]]]
 # Lost = the call itself failed (lost worker, closed comm, past the deadline): the replica is the problem.
+# Requests handed back once are marked (their ``tried`` holds this replica) and never handed back again.
 Lost = Callable[[list[Pending], str], None]
 Observe = Callable[[int, float], None]  # rows, round-trip ms of a successful batch
 
@@ -123,6 +127,10 @@ class Batcher:
         for item in items:
             item.batcher = None
         return items
+
+    def inflight(self) -> list[Pending]:
+        """The unanswered requests of every call in flight (they stay counted until it returns)."""
+        return [p for batch in self._inflight_items.values() for p in batch if not p.future.done()]
 
     def abort(self, error: BaseException) -> None:
         """Answer every queued and in-flight request with ``error`` now (a late reply is dropped)."""
@@ -209,10 +217,7 @@ class Batcher:
         t0 = time.monotonic()
         try:
             labels, compute_ms = await asyncio.wait_for(self._call(x), self.call_timeout_s)
-        except (OSError, TimeoutError) as exc:  # lost worker, closed comm, a call past the deadline
-            self._on_lost(live, f"predict call failed: {type(exc).__name__}: {exc}")
-            return
-        except Exception as exc:  # the model raised: the replica is fine, one of these requests is not
+        except ModelFailed as exc:  # the model raised: the replica is fine, one of these requests is not
             if len(live) > 1:
                 for p in live:  # find the one: each alone, the rest still answered
                     await self._forward([p])
@@ -220,6 +225,12 @@ class Batcher:
             live[0].settle(
                 error=ReplicaError(f"model version {self.version} failed: {exc}", version=self.version)
             )
+            return
+        except Exception as exc:  # anything else is the replica's: lost or closing worker, closed comm,
+            # "cannot schedule new futures after shutdown", a call past the deadline
+            left = [p for p in live if self.replica_id not in p.tried]  # not handed back already
+            if left or self.open:
+                self._on_lost(left, f"predict call failed: {type(exc).__name__}: {exc}")
             return
         rows = len(x)
         self._observe(rows, (time.monotonic() - t0) * 1e3)

@@ -1,7 +1,12 @@
 """The replica set: model replicas as Dask actors on the cluster's workers. It starts them (spread
 over the least used workers), checks their health, and takes out a replica that fails a call, a
-health check, or holds a call past the request deadline; the router is told (``on_lost``) so it can
-retry that replica's requests elsewhere and start a replacement."""
+health check, holds a call past the request deadline, or whose worker Dask reports lost; the router
+is told (``on_lost``) so it can retry that replica's requests, queued and in flight, elsewhere and
+start a replacement.
+
+Dask reports a lost worker within tens of milliseconds (the actor's future leaves "finished"), while
+a call already sent there may hang in connection retries for as long as Dask's connect timeout:
+:meth:`ReplicaSet.sweep` turns the report into a take-out, so no request waits on a dead worker."""
 
 from __future__ import annotations
 
@@ -42,6 +47,11 @@ class ReplicaState:
     @property
     def address(self) -> str | None:
         return getattr(self.actor, "_address", None)
+
+    @property
+    def alive(self) -> bool:
+        """Healthy, and Dask has not reported its worker (hence the actor) lost."""
+        return self.healthy and self.future.status == "finished"
 
     def score(self) -> float:
         """Outstanding work weighted by recent latency: the router sends to the lowest."""
@@ -139,18 +149,27 @@ class ReplicaSet:
         return chosen
 
     def fail(self, r: ReplicaState, why: str, items: list[Pending] = ()) -> None:
-        """Take ``r`` out (once) and hand its queued requests and ``items`` to ``on_lost``."""
+        """Take ``r`` out (once) and hand ``items`` and its queued and in-flight requests to
+        ``on_lost``: a call in flight on a lost replica may hang until its timeout, and a prediction
+        is pure, so it is retried now (whichever answer comes first is the one sent)."""
         pending = list(items)
         if r.healthy:
             log.warning("replica %s taken out: %s", r.id, why)
             if r.address:
                 self._suspect[r.address] = time.monotonic() + SUSPECT_S
             self.metrics.replica_failures.labels(version=r.version).inc()
-            pending += r.batcher.take_all()
+            pending += r.batcher.take_all() + r.batcher.inflight()
             self.release(r)
+        pending = list(dict.fromkeys(pending))  # ``items`` are in flight too: each request once
         for p in pending:
             p.tried.add(r.id)
         self._on_lost(r, pending, why)
+
+    def sweep(self, replicas: Iterable[ReplicaState]) -> None:
+        """Take out every healthy replica whose worker Dask has reported lost (no network call)."""
+        for r in replicas:
+            if r.healthy and not r.alive:
+                self.fail(r, f"its worker left the cluster (Dask reports the actor {r.future.status})")
 
     def release(self, r: ReplicaState) -> None:
         r.healthy = False

@@ -5,8 +5,10 @@ rollout stats window), the replica set (spawn, placement, health, replace) and o
 replica (queue -> forward pass). For each request it picks a pool by traffic share (canary
 rollout), then the healthy replica with the least outstanding work weighted by its recent
 latency, and queues the request there. Every request carries a deadline: past it the request is
-taken out of its queue and answered 504. A replica that is lost has its requests retried on the
-others (predictions are pure, so a retry is safe) and a replacement started.
+taken out of its queue and answered 504. A replica that is lost (a failed call or health check, or
+its worker reported gone by Dask, watched every ``WATCH_S``) has its queued and in-flight requests
+retried on the others (predictions are pure, so a retry is safe) and a replacement started, retried
+until it loads.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from mms_core.serving.payload import PayloadError
 
 log = logging.getLogger("mms.serving")
 MAX_ATTEMPTS = 3
+WATCH_S = 0.05  # how often the router looks for replicas whose worker Dask reports lost
+REPLACE_BACKOFF_MAX_S = 10.0
 
 
 class Router:
@@ -43,6 +47,7 @@ class Router:
         )
         self.closed = False
         self._health_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         self._deadline_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
@@ -64,6 +69,7 @@ class Router:
         self.pools.set_shares({**self.pools.shares(), version: share})
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._health_loop())
+            self._watch_task = asyncio.create_task(self._watch_loop())
 
     async def set_traffic(self, shares: dict[str, float]) -> None:
         """Set each version's share of new requests (normalised to sum 1)."""
@@ -129,7 +135,7 @@ class Router:
             if item.x.ndim != 2 or item.x.shape[1] != p.width or item.x.dtype != np.float32:
                 item.settle(error=PayloadError(f"rows must be float32 [n, {p.width}], got {item.x.shape}"))
                 return  # cannot join a batch: fails alone, before any queue
-            live = [r for r in p.replicas if r.healthy and r.id not in item.tried]
+            live = [r for r in p.replicas if r.alive and r.id not in item.tried]
             room = [r for r in live if r.batcher.queued_rows + item.rows <= self.config.max_queue_rows]
             full = full or bool(live and not room)
             if room:
@@ -160,19 +166,31 @@ class Router:
         )
 
     async def _replace(self, pool: VersionPool) -> None:
-        for attempt in range(5):
+        """Start one replica in place of a lost one. Retried, backing off, until it loads (or the
+        version is removed, or the server closes): giving up would leave the pool short for good."""
+        attempt = 0
+        while not (pool.removing or self.closed):
             try:
                 worker = (await self.replicas.placement(1, running=self._all_replicas()))[0]
                 state = await asyncio.wait_for(self._spawn(pool, worker), LOAD_TIMEOUT_S)
             except Exception as exc:
-                log.warning("replacement replica for v%s failed (%s); retrying", pool.version, exc)
-                await asyncio.sleep(2**attempt)
+                delay = min(2.0**attempt, REPLACE_BACKOFF_MAX_S)
+                attempt += 1
+                log.warning(
+                    "replacement replica for v%s failed (%s); retrying in %.0f s", pool.version, exc, delay
+                )
+                await asyncio.sleep(delay)
                 continue
             if pool.removing or self.closed:
                 self.replicas.release(state)
             else:
                 pool.replicas.append(state)
             return
+
+    async def _watch_loop(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(WATCH_S)
+            self.replicas.sweep(self._all_replicas())
 
     async def _health_loop(self) -> None:
         while not self.closed:
@@ -200,7 +218,7 @@ class Router:
         """Refuse new requests, give queued and in-flight ones ``drain_s`` to finish, answer the rest
         503, release every replica."""
         self.closed = True
-        for task in (self._health_task, self._deadline_task):
+        for task in (self._health_task, self._watch_task, self._deadline_task):
             if task is not None:
                 task.cancel()
         replicas = self._all_replicas()

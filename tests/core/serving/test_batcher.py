@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from mms_core.serving.online.batcher import Batcher, Pending
+from mms_core.serving.online.replica import ModelFailed
 
 
 def _batcher(calls: list[int], gate: asyncio.Event, **limits) -> Batcher:
@@ -82,7 +83,7 @@ def test_a_model_error_fails_only_the_request_that_causes_it():
 
         async def call(x: np.ndarray) -> tuple[np.ndarray, float]:
             if (x == 7).any():
-                raise ValueError("cannot take a 7")
+                raise ModelFailed("cannot take a 7")  # what a replica raises when its model does
             return np.arange(len(x)), 0.1
 
         batcher = Batcher(
@@ -99,3 +100,34 @@ def test_a_model_error_fails_only_the_request_that_causes_it():
         return ["error" if isinstance(d, Exception) else "ok" for d in done]
 
     assert asyncio.run(scenario()) == ["ok", "ok", "error", "ok", "ok"]
+
+
+def test_a_call_that_fails_otherwise_hands_its_requests_back_once():
+    """Any exception but the model's (here the one a closing worker's actor answers) means the
+    replica is lost: the batch is handed back whole, not answered 500; requests the replica set
+    already took back (their ``tried`` names this replica) are not handed back twice."""
+
+    async def scenario() -> tuple[list[list[int]], list[bool]]:
+        loop = asyncio.get_running_loop()
+
+        async def call(x: np.ndarray) -> tuple[np.ndarray, float]:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+        handed: list[list[int]] = []
+        items = [_item(loop) for _ in range(3)]
+        items[1].tried.add("r")  # taken back already, e.g. when a health check took the replica out
+        batcher = Batcher(
+            replica_id="r", version="1", max_batch_size=64, max_wait_ms=0.0, max_inflight_batches=1,
+            call_timeout_s=5.0, call=call, observe=lambda rows, ms: None,
+            on_lost=lambda lost, why: handed.append([items.index(p) for p in lost]),
+        )  # fmt: skip
+        for item in items:
+            batcher.submit(item)
+        batcher.start()
+        await asyncio.sleep(0.05)
+        batcher.stop()
+        return handed, [i.future.done() for i in items]
+
+    handed, answered = asyncio.run(scenario())
+    assert handed == [[0, 2]]
+    assert answered == [False, False, False]  # nobody got a 500: the router retries them elsewhere
