@@ -21,10 +21,13 @@ import redis
 from distributed import Client, Event
 from sklearn.datasets import load_digits
 
+from mms_core import registry, steps
+from mms_core.evaluate import EvalSpec
 from mms_core.models import ModelSpec
 from mms_core.packaging import Predictor
 from mms_core.serving.offline.stream import StreamOptions, StreamResult, run_stream
 from mms_core.serving.offline.stream_redis import dead_letter_stream
+from mms_core.spec import PipelineSpec, RegisterSpec
 from mms_core.training.spec import TrainJob, TrainSpec
 from mms_core.training.strategies import run_strategy
 from tests.core.serving.conftest import redis_url, running_server, train_digits_package  # noqa: F401  (a fixture)
@@ -42,6 +45,7 @@ FIRST_EPOCHS, SECOND_EPOCHS = 2, 4
 WORLD_SIZE = 2  # ranks on the first two workers by address, where the stream consumers start too
 KILL_AFTER_STEP = 60  # second training: within its first epoch (about 72 steps an epoch on 2 ranks)
 MESSAGE_EVERY_S = 0.04
+MODEL = "cotenancy-digits"
 STREAM = {"block_ms": 100, "min_idle_ms": 3000, "claim_every_s": 0.5, "batch_size": 16}
 
 
@@ -62,6 +66,32 @@ def _train_job(manifest_uri: str, out: Path, *, epochs: int) -> TrainJob:
         train=spec,
         output_uri=str(out / "weights.safetensors"),
         checkpoint_uri=str(out / "ckpt"),
+    )
+
+
+def _register(tracking_uri: str, root: Path, manifest_uri: str, weights_uri: str) -> steps.RegisterResult:
+    """Evaluate and register a training's weights as the pipeline's last steps do."""
+    spec = PipelineSpec(
+        model=ModelSpec(name="mlp"),
+        evaluate=EvalSpec(min_accuracy=0.5),
+        registry=RegisterSpec(model_name=MODEL, experiment="cotenancy"),
+    )
+    exp = registry.ensure_experiment(
+        tracking_uri=tracking_uri, name="cotenancy", artifact_root=(root / "artifacts").as_uri()
+    )
+    run_id = registry.start_run(
+        tracking_uri=tracking_uri, experiment_id=exp, run_name=root.name, tags={}, params={}
+    )
+    evaluation = steps.evaluate_trained(manifest_uri=manifest_uri, model=spec.model, weights_uri=weights_uri)
+    return steps.register_trained(
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        spec=spec,
+        manifest_uri=manifest_uri,
+        weights_uri=weights_uri,
+        evaluation=evaluation,
+        compressed=None,
+        lineage={},
     )
 
 
@@ -138,6 +168,7 @@ def test_serving_and_streaming_survive_two_trainings_and_a_lost_worker(
     training_cluster,
     digits_manifest,
     redis_url,  # noqa: F811  (the fixture imported above)
+    global_tracking_uri,
     tmp_path,
 ):
     """Everything shares the workers; only the killed worker's process changes."""
@@ -206,3 +237,10 @@ def test_serving_and_streaming_survive_two_trainings_and_a_lost_worker(
     # No worker restarted but the one killed: the others kept their processes throughout.
     survivors = {addr: pid for addr, pid in pids.items() if addr not in killed}
     assert len(survivors) == 2 and all(now.get(a) == p for a, p in survivors.items()), (pids, now, killed)
+    # Both register, each version holding its own training's weights.
+    with global_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db") as uri:
+        for n, (result, name) in enumerate(((first, "first"), (second, "second")), start=1):
+            reg = _register(uri, tmp_path / name, manifest_uri, result[0].weights_uri)
+            assert reg.version == str(n)
+            _, weights, _ = registry.load_package(tracking_uri=uri, model=f"{MODEL}/{reg.version}")
+            assert weights == Path(result[0].weights_uri).read_bytes()
