@@ -40,8 +40,11 @@ RankFn = Callable[..., RankResult]
 REPLACEMENT_WAIT_S = 30.0
 LOSS_GRACE_S = 10.0  # a rank's error may reach us before the scheduler notices its worker died
 WIND_DOWN_S = 15.0  # how long a stopped job waits for its ranks' tasks to end before going on
-POLL_S = 0.01  # how often a watch looks at the futures it waits for
-LIVENESS_EVERY_S = 0.5  # how often it asks the scheduler whether the job's workers are still there
+# How often a watch looks at the futures it waits for: often for param_server's actor calls (the
+# driver's snapshot is on the training's path), seldom for ranks, whose CPU it would take on small
+# machines; and how often it asks the scheduler whether the job's workers are still there.
+POLL_S, RANK_POLL_S = 0.01, 0.2
+LIVENESS_EVERY_S = 1.0
 
 
 class WorkerLost(TrainingError):
@@ -202,10 +205,11 @@ class Watch:
         on_event: OnEvent | None = None,
         what: str = "rank",
         calls: str = "a rank's result",
+        poll_s: float = RANK_POLL_S,
     ) -> None:
         self.client, self.workers, self.tasks, self.what, self.calls = client, workers, tasks, what, calls
         self.events, self.on_event = events, on_event
-        self.checked = 0.0
+        self.poll_s, self.checked = poll_s, 0.0
         self.failed_at: float | None = None
 
     def wait(self, futures: list) -> list:
@@ -217,7 +221,7 @@ class Watch:
                 self.checked = time.monotonic()
                 self.raise_if_lost()
             self._raise_if_failed()
-            time.sleep(POLL_S)
+            time.sleep(self.poll_s)
         self._raise_if_failed(finished=True)
         try:
             return [f.result() for f in futures]

@@ -48,7 +48,7 @@ from mms_core.training.checkpoint import (
     save_checkpoint,
     state_bytes,
 )
-from mms_core.training.launch import Watch, WorkerLost, choose_workers, fail_over
+from mms_core.training.launch import POLL_S, Watch, WorkerLost, choose_workers, fail_over
 from mms_core.training.loop import params_sha256, steps_per_epoch, val_loss_accuracy
 from mms_core.training.optim import make_optimizer
 from mms_core.training.param_server_actor import ParamShard, ServerPlan
@@ -188,6 +188,7 @@ def _train(run: _Run, progress: _Progress) -> list[dict[str, Any]]:
         tasks=tasks,
         what="param_server worker",
         calls="param_server: a parameter-server shard",
+        poll_s=POLL_S,
     )
     try:
         follower = _Follower(run, shards=actors, watch=watch)

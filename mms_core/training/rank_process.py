@@ -38,7 +38,7 @@ import cloudpickle
 
 from mms_core.errors import TrainingError
 
-STOP_POLL_S = 0.5  # how often the supervising task asks whether the job wants its rank stopped
+STOP_POLL_S = 1.0  # how often the supervising task asks whether the job wants its rank stopped
 
 
 def supervise(
@@ -73,7 +73,7 @@ def supervise(
 def _follow(conn: Connection, proc: subprocess.Popen, *, emit, stopped, name: str) -> Any:
     checked = 0.0
     while True:
-        if conn.poll(0.1):
+        if conn.poll(0.2):
             try:
                 kind, *payload = conn.recv()
             except EOFError:
