@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from distributed import Client, Event, get_worker, secede
 
 from mms_core.errors import TrainingError
-from mms_core.training.rank_process import supervise
+from mms_core.training.rank_process import rank_call, supervise
 from mms_core.training.spec import RankResult, TrainJob
 
 OnEvent = Callable[[dict[str, Any]], None]
@@ -118,7 +118,7 @@ def _launch_once(
     futures = [
         client.submit(
             _rank_task,
-            {"job": job, "rank_fn": rank_fn, "rank": r, "world_size": world_size, "master": master},
+            rank_call(job=job, rank_fn=rank_fn, rank=r, world_size=world_size, master=master),
             topic=topic,
             workers=[w],
             allow_other_workers=False,

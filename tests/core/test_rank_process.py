@@ -2,6 +2,7 @@
 events and result come back, its own error comes back as itself, the job's stop kills it, and
 it leaves by itself when its supervisor's process dies."""
 
+import json
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from mms_core.errors import DataError, TrainingError
 from mms_core.models import ModelSpec
-from mms_core.training.rank_process import supervise
+from mms_core.training.rank_process import rank_call, supervise
 from mms_core.training.spec import RankResult, TrainJob, TrainSpec
 
 
@@ -37,16 +38,10 @@ def _port() -> int:
 
 
 def _call(tmp_path, rank_fn) -> dict:
-    return {
-        "job": _job(tmp_path),
-        "rank_fn": rank_fn,
-        "rank": 0,
-        "world_size": 1,
-        "master": f"127.0.0.1:{_port()}",
-    }
+    return rank_call(job=_job(tmp_path), rank_fn=rank_fn, rank=0, world_size=1, master=f"127.0.0.1:{_port()}")
 
 
-# Rank functions: module-level, so they travel by reference like the strategies' own.
+# Rank functions: module-level, so the rank process imports them by path like the strategies' own.
 def reporting_rank(job, *, rank, world_size, emit):
     import torch.distributed as dist
 
@@ -56,6 +51,14 @@ def reporting_rank(job, *, rank, world_size, emit):
 
 def failing_rank(job, *, rank, world_size, emit):
     raise DataError("column 'x' has NaN in row 7; clean it and re-run")
+
+
+class OddError(Exception):
+    pass
+
+
+def odd_error_rank(job, *, rank, world_size, emit):
+    raise OddError("odd")
 
 
 def sleeping_rank(job, *, rank, world_size, emit):
@@ -94,6 +97,17 @@ def test_the_jobs_stop_kills_the_rank_process(tmp_path):
     assert not _alive(events[0]["pid"])
 
 
+def test_only_importable_rank_functions_and_no_pickle_reach_the_process(tmp_path):
+    """The call is JSON data naming the function by path: a lambda cannot travel, and an error
+    type the supervisor does not know comes back as a TrainingError naming it."""
+    with pytest.raises(TrainingError, match="define it at module level"):
+        rank_call(job=_job(tmp_path), rank_fn=lambda job, **kw: None, rank=0, world_size=1, master="x:1")
+    call = _call(tmp_path, odd_error_rank)
+    assert json.loads(json.dumps(call)) == call
+    with pytest.raises(TrainingError, match="OddError: odd"):
+        supervise(call, emit=lambda ev: None, stopped=lambda: False, name="rank 0")
+
+
 def test_a_stopped_job_starts_no_rank(tmp_path):
     with pytest.raises(TrainingError, match="stopped before this rank started"):
         supervise(_call(tmp_path, reporting_rank), emit=lambda ev: None, stopped=lambda: True, name="rank 0")
@@ -107,7 +121,7 @@ def test_the_rank_process_leaves_when_its_supervisor_dies(tmp_path):
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from tests.core.test_rank_process import _call, sleeping_rank
-        from mms_core.training.rank_process import supervise
+        from mms_core.training.rank_process import rank_call, supervise
         from pathlib import Path
         supervise(_call(Path({str(tmp_path)!r}), sleeping_rank),
                   emit=lambda ev: print(ev["pid"], flush=True), stopped=lambda: False, name="rank 0")
