@@ -38,7 +38,6 @@ import socket
 import struct
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +98,10 @@ def _store_port() -> int | None:
     return getattr(store, "port", None)
 
 
-def measured_rank(
-    job: TrainJob, *, rank: int, world_size: int, emit: Any = None, inner: Any = ddp_rank
-) -> RankResult:
-    """Run ``inner`` (a strategy's rank function) and add the bytes this rank exchanged with every
+def measured_rank(job: TrainJob, *, rank: int, world_size: int, emit: Any = None) -> RankResult:
+    """Run the job's strategy's rank function and add the bytes this rank exchanged with every
     other rank during it, split into intra- and inter-group by GROUPS, to ``stats["measured"]``."""
+    inner = hierarchical_rank if job.train.strategy == "hierarchical" else ddp_rank
     before = tcp_counters()
     result = inner(job, rank=rank, world_size=world_size, emit=emit)
     after = tcp_counters()
@@ -154,9 +152,8 @@ def make_job(*, manifest_uri: str, workdir: Path, strategy: str, epochs: int) ->
 
 def run_one(client: Client, *, job: TrainJob) -> tuple[list[RankResult], dict[str, Any]]:
     """Train ``job`` with its strategy through the measuring rank function; one JSON-ready row."""
-    inner = hierarchical_rank if job.train.strategy == "hierarchical" else ddp_rank
     lo0, t0 = lo_received(), time.perf_counter()
-    results = run_process_group(client=client, job=job, rank_fn=partial(measured_rank, inner=inner))
+    results = run_process_group(client=client, job=job, rank_fn=measured_rank)
     wall, lo = time.perf_counter() - t0, lo_received() - lo0
     measured = {k: sum(r.stats["measured"][k] for r in results) for k in results[0].stats["measured"]}
     r0 = results[0]
