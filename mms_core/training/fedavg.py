@@ -235,41 +235,27 @@ def _on_dask(
 ) -> tuple[RunClients, Evaluate]:
     """The round loop's two callbacks as Dask tasks on the clients' data futures."""
 
-    def run_clients(weights: np.ndarray, ctx: RoundContext) -> list[LocalResult]:
-        # Sent once per round, not once per client task; a task (not scatter) so it can be recomputed.
+    def each_with_model(fn: Callable, weights: np.ndarray, calls: list[dict], *, what: str) -> list:
+        # The weights go once per round, not once per task; a task (not scatter) so that Dask
+        # can recompute them if their worker dies.
         w = client.submit(_value, weights, pure=False)
         futures = [
-            client.submit(
-                _with_model,
-                local_update,
-                build=build,
-                num_threads=threads,
-                pure=False,
-                weights=w,
-                data=data.clients[k],
-                spec=spec,
-                client_id=k,
-                ctx=ctx,
-            )
-            for k in ctx.participants
+            client.submit(_with_model, fn, build=build, num_threads=threads, pure=False, weights=w, **kw)
+            for kw in calls
         ]
-        return _gather(client, futures, what=f"round {ctx.round_index}: a client update")
+        return _gather(client, futures, what=what)
+
+    def run_clients(weights: np.ndarray, ctx: RoundContext) -> list[LocalResult]:
+        calls = [
+            {"data": data.clients[k], "spec": spec, "client_id": k, "ctx": ctx} for k in ctx.participants
+        ]
+        return each_with_model(local_update, weights, calls, what=f"round {ctx.round_index}: a client update")
 
     def evaluate(weights: np.ndarray) -> tuple[float, float]:
-        w = client.submit(_value, weights, pure=False)
-        futures = [
-            client.submit(
-                _with_model,
-                evaluate_weights,
-                build=build,
-                num_threads=threads,
-                pure=False,
-                weights=w,
-                data=part,
-            )
-            for part in data.val
-        ]
-        return _mean_over_parts(_gather(client, futures, what="evaluation"), rows=data.val_rows)
+        results = each_with_model(
+            evaluate_weights, weights, [{"data": part} for part in data.val], what="evaluation"
+        )
+        return _mean_over_parts(results, rows=data.val_rows)
 
     return run_clients, evaluate
 

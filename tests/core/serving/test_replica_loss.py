@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from mms_core.models import ModelSpec
 from mms_core.models.zoo import TRUSTED_ENV
@@ -46,7 +46,7 @@ def build(*, in_features, n_classes):
 
 
 @pytest.fixture(scope="module")
-def cluster3(tmp_path_factory) -> Iterator[Client]:
+def cluster3(tmp_path_factory, training_cluster) -> Iterator[Client]:
     """Three one-thread worker processes that may load the fragile user model (their environment and
     sys.path are the ones set here when they start)."""
     code = tmp_path_factory.mktemp("user-model")
@@ -54,12 +54,7 @@ def cluster3(tmp_path_factory) -> Iterator[Client]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TRUSTED_ENV, FRAGILE_MODULE)
         mp.syspath_prepend(str(code))
-        with (
-            LocalCluster(
-                n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with training_cluster(3) as client:
             yield client
         sys.modules.pop(FRAGILE_MODULE, None)
 
