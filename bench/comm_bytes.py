@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dask
 import torch
 import torch.distributed as dist
 from distributed import Client, LocalCluster
@@ -250,8 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     stamp["torch"] = torch.__version__
     with (
         tempfile.TemporaryDirectory(prefix="mms-bench-comm-") as tmp,
-        # later jobs restart the workers, which may take longer than the default 15 s on 2 cores
-        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}),
         LocalCluster(
             n_workers=WORKERS, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
         ) as cluster,

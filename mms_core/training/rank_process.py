@@ -81,6 +81,10 @@ def supervise(
             [sys.executable, "-m", "mms_core.training.rank_process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             env=env,
+            # A session of its own, as torchrun gives its ranks: a signal for the worker's process
+            # group (Ctrl-C in the terminal of `dask worker`) reaches the worker only; the rank
+            # ends through its supervisor (stop, or end-of-file when the worker's process exits).
+            start_new_session=True,
         )
         theirs.close()
         conn = Connection(os.dup(ours.fileno()))

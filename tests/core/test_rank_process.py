@@ -45,7 +45,15 @@ def _call(tmp_path, rank_fn) -> dict:
 def reporting_rank(job, *, rank, world_size, emit):
     import torch.distributed as dist
 
-    emit({"kind": "progress", "step": 1, "pid": os.getpid(), "in_group": dist.is_initialized()})
+    emit(
+        {
+            "kind": "progress",
+            "step": 1,
+            "pid": os.getpid(),
+            "sid": os.getsid(0),
+            "in_group": dist.is_initialized(),
+        }
+    )
     return RankResult(rank=rank, params_sha256="ab" * 32, history=[], steps=1, samples=2, train_seconds=0.1)
 
 
@@ -74,6 +82,9 @@ def test_events_and_result_come_back_from_a_process_of_its_own(tmp_path):
     assert result.params_sha256 == "ab" * 32 and result.samples == 2
     [ev] = events
     assert ev["pid"] != os.getpid() and ev["in_group"]  # ran in another process, inside a group
+    # in a session of its own, as torchrun starts ranks: a Ctrl-C meant for the worker's terminal
+    # does not reach it; its supervisor ends it
+    assert ev["sid"] == ev["pid"] != os.getsid(0)
 
 
 def test_the_ranks_own_error_comes_back_as_itself_with_its_traceback(tmp_path):
