@@ -53,8 +53,11 @@ log = logging.getLogger(__name__)
 
 
 def client(*, tracking_uri: str) -> MlflowClient:
+    """A client whose runs and model registry are both at ``tracking_uri`` (MMS keeps them in one
+    store). Named explicitly: else MLflow takes a registry URI set anywhere in the process
+    (``MLFLOW_REGISTRY_URI``, ``mlflow.set_registry_uri``, an MLflow server started in it)."""
     mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def open_store(*, tracking_uri: str) -> None:
@@ -237,10 +240,14 @@ def set_alias(*, tracking_uri: str, name: str, alias: str, version: str) -> None
 
 
 def alias_version(*, tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version ``alias`` points to; None when the model or the alias does not exist. Any other
+    fault (an unreachable store) raises: "no alias" must never be a guess."""
     try:
         return str(client(tracking_uri=tracking_uri).get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, no alias
+            return None
+        raise
 
 
 def run_tags(*, tracking_uri: str, run_id: str, prefix: str) -> dict[str, str]:

@@ -313,3 +313,16 @@ def test_register_package_is_idempotent_per_variant(store, data, tmp_path):
     assert registry.champion_accuracy(tracking_uri=uri, name=name) is None  # alias but no accuracy tag
     assert len(MlflowClient(tracking_uri=uri).search_model_versions(f"name='{name}'")) == 1
     assert mlflow.active_run() is None
+
+
+def test_registry_calls_go_to_the_tracking_uri_whatever_registry_uri_the_process_has(
+    store, tmp_path, monkeypatch
+):
+    """A registry URI set elsewhere in the process (here: the variable; an MLflow server started in
+    the process sets the global) must not divert MMS's registry calls from its one store."""
+    uri = store["uri"]
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    registry.client(tracking_uri=uri).create_registered_model("routed")
+    assert MlflowClient(tracking_uri=uri, registry_uri=uri).get_registered_model("routed").name == "routed"
+    assert registry.alias_version(tracking_uri=uri, name="routed", alias="champion") is None
+    assert not (tmp_path / "other.db").exists()
