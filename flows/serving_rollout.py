@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from mms_core.config import Settings
@@ -16,12 +16,22 @@ def serving_rollout(spec: RolloutSpec | None = None) -> RolloutDecision:
     spec = spec or RolloutSpec()
     settings = Settings()
     version = rollout.resolve_candidate(tracking_uri=settings.tracking_uri, spec=spec)
-    previous = rollout.start_canary(spec=spec, version=version)
-    canary, current = rollout.observe(spec=spec, version=version, previous=previous)
-    decision = rollout.decide(
-        spec=spec, tracking_uri=settings.tracking_uri, version=version, previous=previous,
-        canary=canary, current=current,
-    )  # fmt: skip
+    previous = rollout.start_canary(spec=spec, version=version)  # undoes itself if it fails
+    try:
+        canary, current = rollout.observe(spec=spec, version=version, previous=previous)
+        decision = rollout.decide(
+            spec=spec, tracking_uri=settings.tracking_uri, version=version, previous=previous,
+            canary=canary, current=current,
+        )  # fmt: skip
+    except Exception:
+        # Never leave a canary taking traffic nobody watches. The flow fails with its own error:
+        # the abort's outcome, even its failure, is only logged.
+        undo = rollout.abort_canary(
+            spec=spec, tracking_uri=settings.tracking_uri, version=version, return_state=True
+        )
+        if undo.is_failed():
+            get_run_logger().error("could not undo the rollout of v%s: %s", version, undo.message)
+        raise
     run_id = rollout.log_decision(
         tracking_uri=settings.tracking_uri, artifact_root=settings.artifact_root, decision=decision
     )

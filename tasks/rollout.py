@@ -40,7 +40,9 @@ def observe(
     return canary, current
 
 
-@task(name="decide", cache_policy=NONE)
+# Idempotent (judging the same stats again, a removed canary or a moved alias stays so): retried
+# when MLflow's store has a transient fault while the alias moves.
+@task(name="decide", cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 def decide(
     *, spec: RolloutSpec, tracking_uri: str, version: str, previous: list[str],
     canary: VersionStats, current: VersionStats | None,
@@ -57,6 +59,14 @@ def decide(
     log = get_run_logger()
     (log.warning if reasons else log.info)("v%s %s: %s", version, decision.decision, reasons or "gate passed")
     return decision
+
+
+@task(name="abort-canary", cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
+def abort_canary(*, spec: RolloutSpec, tracking_uri: str, version: str) -> str:
+    """After a failed observe or decide: undo the rollout (rollout.abort), log what was done."""
+    done = rollout.abort(spec=spec, tracking_uri=tracking_uri, version=version)
+    get_run_logger().warning("rollout of v%s failed; %s", version, done)
+    return done
 
 
 # A retry logs a fresh run; log_decision marks a run it could not complete FAILED.

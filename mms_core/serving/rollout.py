@@ -2,9 +2,13 @@
 
 Steps (each a Prefect task in flows/serving_rollout.py): load the new version beside the
 current one with a small share of traffic; watch both over a window (error rate, p95 latency
-from the server's /admin/stats); then promote (traffic to the new version, old replicas drained,
-the alias moved in MLflow) or roll back (the new replicas drained and removed, alias unchanged).
+from the server's /admin/stats); then promote (traffic to the new version, the alias moved in
+MLflow, old replicas drained) or roll back (the new replicas drained and removed, alias unchanged).
 The server keeps answering from the current version throughout, so no request fails.
+
+A rollout that fails half-way is undone (:func:`abort`). Moving the alias is the one commit point:
+before it, the canary is removed and the old versions take their traffic back; after it, the
+promotion is finished. Every step is idempotent, so a retried step or a second abort is harmless.
 """
 
 from __future__ import annotations
@@ -96,7 +100,12 @@ def start_canary(*, spec: RolloutSpec, version: str) -> list[str]:
         body = {"version": version, "replicas": spec.replicas, "share": 0.0}
         _call(http, "POST", "/admin/versions", json=body)
         shares = {v: s * (1 - spec.canary_share) for v, s in before.items()}
-        _call(http, "PUT", "/admin/traffic", json={"shares": {**shares, version: spec.canary_share}})
+        try:
+            _call(http, "PUT", "/admin/traffic", json={"shares": {**shares, version: spec.canary_share}})
+        except Exception:  # a canary loaded with no traffic would block the next rollout of it
+            with contextlib.suppress(Exception):
+                _call(http, "DELETE", f"/admin/versions/{version}", missing_ok=True)
+            raise
     return sorted(before)
 
 
@@ -139,18 +148,45 @@ def judge(*, spec: RolloutSpec, canary: VersionStats, current: VersionStats | No
 
 
 def promote(*, spec: RolloutSpec, tracking_uri: str, version: str, previous: list[str]) -> None:
-    """All traffic to ``version``, drain and remove the previous versions, then move the alias."""
+    """All traffic to ``version``, move the alias (the commit point), then drain and remove the
+    previous versions. Until the alias moves, the previous versions stay loaded, so :func:`abort`
+    can still give them their traffic back."""
     with admin_client(spec) as http:
         _call(http, "PUT", "/admin/traffic", json={"shares": {version: 1.0}})
-        for old in previous:
-            _call(http, "DELETE", f"/admin/versions/{old}")
-    registry.set_alias(tracking_uri=tracking_uri, name=spec.model, alias=spec.alias, version=version)
+        registry.set_alias(tracking_uri=tracking_uri, name=spec.model, alias=spec.alias, version=version)
+        _remove(http, previous)
 
 
 def roll_back(*, spec: RolloutSpec, version: str) -> None:
-    """Drain and remove the canary; the alias never moved."""
+    """Drain and remove the canary (already gone: nothing to do); the alias never moved."""
     with admin_client(spec) as http:
-        _call(http, "DELETE", f"/admin/versions/{version}")
+        _call(http, "DELETE", f"/admin/versions/{version}", missing_ok=True)
+
+
+def abort(*, spec: RolloutSpec, tracking_uri: str, version: str) -> str:
+    """Undo a rollout that failed half-way; returns what it did.
+
+    If the alias already points to ``version``, the promotion had committed: it is finished (the
+    other served versions removed). Otherwise the canary is removed and the versions it was
+    served beside take their traffic back, as in a roll-back.
+    """
+    alias_now = registry.alias_version(tracking_uri=tracking_uri, name=spec.model, alias=spec.alias)
+    committed = alias_now == version
+    with admin_client(spec) as http:
+        served = sorted(_call(http, "GET", "/admin/stats")["shares"])
+        if committed:
+            others = [v for v in served if v != version]
+            _remove(http, others)
+            return f"the alias {spec.alias!r} had moved to v{version}: promotion finished (removed {others})"
+        if version not in served:
+            return f"v{version} is not served: nothing to undo"
+        _call(http, "DELETE", f"/admin/versions/{version}", missing_ok=True)
+        return f"v{version} removed; {[v for v in served if v != version]} serve all traffic again"
+
+
+def _remove(http: httpx.Client, versions: list[str]) -> None:
+    for old in versions:
+        _call(http, "DELETE", f"/admin/versions/{old}", missing_ok=True)
 
 
 def log_decision(*, tracking_uri: str, artifact_root: str | None, decision: RolloutDecision) -> str:
@@ -204,7 +240,8 @@ def _merge(stats: list[VersionStats]) -> VersionStats | None:
     )
 
 
-def _call(http: httpx.Client, method: str, path: str, **kwargs) -> dict:
+def _call(http: httpx.Client, method: str, path: str, *, missing_ok: bool = False, **kwargs) -> dict:
+    """One admin call; its JSON answer. ``missing_ok``: "unknown version" (404) counts as done."""
     try:
         response = http.request(method, path, **kwargs)
     except httpx.TransportError as exc:
@@ -213,8 +250,11 @@ def _call(http: httpx.Client, method: str, path: str, **kwargs) -> dict:
         ) from None
     if response.status_code >= 400:
         try:
-            message = response.json()["error"]["message"]
+            error = response.json()["error"]
+            code, message = error["code"], error["message"]
         except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
+            code, message = None, response.text[:300]
+        if missing_ok and code == "unknown_version":
+            return {}
         raise RolloutError(f"{method} {path} -> {response.status_code}: {message}")
     return response.json()
