@@ -7,8 +7,10 @@
 (b) ``torchrun``: ``python -m torch.distributed.run --standalone --nproc_per_node 2
 bench/_torchrun_rank.py``. Both run
 :func:`mms_core.training.loop.train_rank` with one ``TrainJob`` (num_threads=1,
-checkpoint_every=0) on one shard manifest. Runs alternate (ABAB...) and each prints one JSON
-line; then one median line per path and a final line with the ratio ours/torchrun.
+checkpoint_every=0) on one shard manifest. Each rep runs both paths back to back, in turn
+first (AB BA AB ...: a steady drift of the box's speed cancels within two reps), and each run
+prints one JSON line; then one median line per path and a final line with the ratio
+ours/torchrun.
 
 samples_per_s is the training-loop throughput from rank 0's RankResult,
 ``steps * batch_size * world_size / train_seconds``; wall_s is the end-to-end time of the path
@@ -219,9 +221,10 @@ def ratio_record(
 ) -> dict:
     """Final line: ours/torchrun (goal >= 0.95) as the median of the per-rep ratios, with both medians.
 
-    Each rep runs the two paths back to back, so a rep's ratio sees the same background load on
-    both sides; on a shared box whose speed drifts by +-15% between minutes, the median of those
-    ratios is steadier than the ratio of the two medians (also recorded, ``ratio_of_medians``).
+    Each rep runs the two paths back to back (which goes first alternates), so a rep's ratio sees
+    the same background load on both sides; on a shared box whose speed drifts by +-15% between
+    minutes, the median of those ratios is steadier than the ratio of the two medians (also
+    recorded, ``ratio_of_medians``).
     """
     per_rep = [d["samples_per_s"] / t["samples_per_s"] for d, t in pairs]
     ratio = statistics.median(per_rep)
@@ -248,7 +251,7 @@ def run_bench(
     dask_default_trim: bool = False,
     emit: Callable[[dict[str, Any]], None],
 ) -> dict:
-    """Prepare data once, run both paths `reps` times alternating (ABAB), emit each line; return the ratio."""
+    """Prepare data once, run both paths `reps` times (AB BA ...), emit each line; return the ratio."""
     stamp = {"machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     with tempfile.TemporaryDirectory(prefix="mms-bench-ddp-") as tmp:
         workdir = Path(tmp)
@@ -260,7 +263,7 @@ def run_bench(
         )
         rows: dict[str, list[dict]] = {"dask": [], "torchrun": []}
         for rep in range(1, reps + 1):
-            for path in ("dask", "torchrun"):
+            for path in ("dask", "torchrun") if rep % 2 else ("torchrun", "dask"):
                 if path == "dask":
                     result, wall, trim = run_dask(job=job, dask_default_trim=dask_default_trim)
                 else:
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         "--batch-size", type=int, default=32, help="Rows per step per rank (default: %(default)s)."
     )
     parser.add_argument(
-        "--reps", type=int, default=3, help="Runs of each path, alternating (default: %(default)s)."
+        "--reps", type=int, default=6, help="Runs of each path, alternating (default: %(default)s)."
     )
     parser.add_argument(
         "--dask-malloc-trim",

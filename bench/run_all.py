@@ -66,14 +66,15 @@ BENCHES = (
         "bench.orchestration_startup",
         quick=("--starts", "3", "--baseline-starts", "2"),
     ),
-    # full: 8 epochs, 3 reps each (~80 s per invocation); quick: 4 epochs, 5 reps (~100 s): the
-    # headline is the median of the per-rep ratios, and short runs on a shared box need more of them
-    Bench("ddp_overhead_mms", "bench.ddp_overhead", quick=("--epochs", "4", "--reps", "5")),
+    # full: 8 epochs, 6 reps each (~4 min per invocation); quick: 4 epochs, 6 reps (~2 min): the
+    # headline is the median of the per-rep ratios, which the box's drift moves by +-15% a rep;
+    # an even number of reps puts each path first equally often
+    Bench("ddp_overhead_mms", "bench.ddp_overhead", quick=("--epochs", "4", "--reps", "6")),
     Bench(
         "ddp_overhead_dask_default",
         "bench.ddp_overhead",
         quick=("--epochs", "4", "--reps", "2", "--dask-malloc-trim", "dask-default"),
-        full=("--dask-malloc-trim", "dask-default"),
+        full=("--reps", "2", "--dask-malloc-trim", "dask-default"),
     ),
     Bench("batch_predict", "bench.batch_predict", quick=("--rows", "200000")),  # full: 400,000 rows
     # quick: a ~1 GiB table (8M rows), 2 reps of `mms run`, dask.dataframe and pyarrow; full: ~4 GiB (32M
