@@ -27,8 +27,9 @@ def serving_rollout(spec: RolloutSpec | None = None) -> RolloutDecision:
         # Never leave a canary taking traffic nobody watches. The flow fails with its own error:
         # the abort's outcome, even its failure, is only logged.
         undo = rollout.abort_canary(
-            spec=spec, tracking_uri=settings.tracking_uri, version=version, return_state=True
-        )
+            spec=spec, tracking_uri=settings.tracking_uri, version=version, previous=previous,
+            return_state=True,
+        )  # fmt: skip
         if undo.is_failed():
             get_run_logger().error("could not undo the rollout of v%s: %s", version, undo.message)
         raise

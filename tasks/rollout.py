@@ -62,9 +62,9 @@ def decide(
 
 
 @task(name="abort-canary", cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
-def abort_canary(*, spec: RolloutSpec, tracking_uri: str, version: str) -> str:
+def abort_canary(*, spec: RolloutSpec, tracking_uri: str, version: str, previous: list[str]) -> str:
     """After a failed observe or decide: undo the rollout (rollout.abort), log what was done."""
-    done = rollout.abort(spec=spec, tracking_uri=tracking_uri, version=version)
+    done = rollout.abort(spec=spec, tracking_uri=tracking_uri, version=version, previous=previous)
     get_run_logger().warning("rollout of v%s failed; %s", version, done)
     return done
 

@@ -163,25 +163,23 @@ def roll_back(*, spec: RolloutSpec, version: str) -> None:
         _call(http, "DELETE", f"/admin/versions/{version}", missing_ok=True)
 
 
-def abort(*, spec: RolloutSpec, tracking_uri: str, version: str) -> str:
+def abort(*, spec: RolloutSpec, tracking_uri: str, version: str, previous: list[str]) -> str:
     """Undo a rollout that failed half-way; returns what it did.
 
     If the alias already points to ``version``, the promotion had committed: it is finished (the
-    other served versions removed). Otherwise the canary is removed and the versions it was
-    served beside take their traffic back, as in a roll-back.
+    ``previous`` versions removed, as promote does). Otherwise the canary is removed and the
+    versions it was served beside take their traffic back, as in a roll-back.
     """
     alias_now = registry.alias_version(tracking_uri=tracking_uri, name=spec.model, alias=spec.alias)
-    committed = alias_now == version
     with admin_client(spec) as http:
-        served = sorted(_call(http, "GET", "/admin/stats")["shares"])
-        if committed:
-            others = [v for v in served if v != version]
-            _remove(http, others)
-            return f"the alias {spec.alias!r} had moved to v{version}: promotion finished (removed {others})"
+        if alias_now == version:
+            _remove(http, previous)
+            return f"the alias {spec.alias!r} had moved to v{version}: promotion finished"
+        served = _call(http, "GET", "/admin/stats")["shares"]
         if version not in served:
             return f"v{version} is not served: nothing to undo"
         _call(http, "DELETE", f"/admin/versions/{version}", missing_ok=True)
-        return f"v{version} removed; {[v for v in served if v != version]} serve all traffic again"
+        return f"v{version} removed; {sorted(v for v in served if v != version)} serve all traffic again"
 
 
 def _remove(http: httpx.Client, versions: list[str]) -> None:

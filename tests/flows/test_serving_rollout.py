@@ -192,13 +192,13 @@ def test_abort_finishes_a_committed_promotion_and_undoes_one_that_is_not(served)
     # Not committed (the alias still names v1): the canary goes, v1 serves; again: nothing to do.
     rollout.start_canary(spec=spec, version=v2)
     assert sorted(_served_versions(url)) == sorted([v1, v2])
-    assert "removed" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2)
+    assert "removed" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2, previous=[v1])
     assert _served_versions(url) == [v1]
-    assert "nothing to undo" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2)
+    assert "nothing to undo" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2, previous=[v1])
     # Committed (the alias moved to v2 before the old version was removed): v1 goes.
     rollout.start_canary(spec=spec, version=v2)
     registry.set_alias(tracking_uri=tracking, name=NAME, alias="champion", version=v2)
-    assert "promotion finished" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2)
+    assert "promotion finished" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2, previous=[v1])
     assert _served_versions(url) == [v2]
-    assert "promotion finished" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2)
+    assert "promotion finished" in rollout.abort(spec=spec, tracking_uri=tracking, version=v2, previous=[v1])
     assert _served_versions(url) == [v2]
