@@ -8,7 +8,8 @@ latency, and queues the request there. Every request carries a deadline: past it
 taken out of its queue and answered 504. A replica that is lost (a failed call or health check, or
 its worker reported gone by Dask, watched every ``WATCH_S``) has its queued and in-flight requests
 retried on the others (predictions are pure, so a retry is safe) and a replacement started, retried
-until it loads.
+until it loads. While a version has no replica left and a replacement is loading (one replica, or
+all of them lost at once), requests wait for it within their deadline instead of getting 503.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Router:
         self._watch_task: asyncio.Task | None = None
         self._deadline_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._replacing: dict[str, int] = {}  # version -> replacements loading
+        self._waiting: list[Pending] = []  # requests held until a replacement loads (or deadline)
 
     # ---- versions -------------------------------------------------------------------------
     async def add_version(
@@ -128,6 +131,11 @@ class Router:
             now = time.monotonic()
             for batcher in list(self.replicas.batchers):
                 batcher.expire(now, late)
+            if self._waiting:
+                late_ones = [p for p in self._waiting if p.deadline <= now]
+                self._waiting = [p for p in self._waiting if p.deadline > now]
+                for p in late_ones:
+                    p.settle(error=late())
 
     def _dispatch(self, item: Pending, pool: VersionPool | None) -> None:
         full = False
@@ -141,8 +149,28 @@ class Router:
             if room:
                 min(room, key=lambda r: (r.score(), random.random())).batcher.submit(item)
                 return
+        if not full and self._wait_for_replacement(item, self.pools.in_order(pool)):
+            return
         why = "every replica's queue is full" if full else "no healthy replica can take the request"
         item.settle(error=Overloaded(f"{why}; retry shortly", retry_after_s=1 if full else 2))
+
+    def _wait_for_replacement(self, item: Pending, pools: list[VersionPool]) -> bool:
+        """Hold ``item`` if one of ``pools`` has a replacement loading and the held rows stay within
+        one replica's queue limit (``max_queue_rows``); True when held."""
+        if not any(self._replacing.get(p.version) for p in pools):
+            return False
+        if sum(p.rows for p in self._waiting) + item.rows > self.config.max_queue_rows:
+            return False
+        self._waiting.append(item)
+        return True
+
+    def _release_waiting(self, pool: VersionPool) -> None:
+        """A replica of ``pool`` loaded: route the held requests again (past their deadline: 504
+        from the deadline loop, before this)."""
+        waiting, self._waiting = self._waiting, []
+        for item in waiting:
+            if not item.future.done():
+                self._dispatch(item, pool)
 
     def _replica_lost(self, r: ReplicaState, items: list[Pending], why: str) -> None:
         """The replica set took ``r`` out: retry its requests elsewhere, start a replacement."""
@@ -150,6 +178,8 @@ class Router:
         if pool is not None and r in pool.replicas:
             pool.replicas.remove(r)
             if not pool.removing and not self.closed:
+                # counted now: the requests handed back just below may wait for this replacement
+                self._replacing[pool.version] = self._replacing.get(pool.version, 0) + 1
                 self._background_task(self._replace(pool))
         now = time.monotonic()
         for p in items:
@@ -168,6 +198,14 @@ class Router:
     async def _replace(self, pool: VersionPool) -> None:
         """Start one replica in place of a lost one. Retried, backing off, until it loads (or the
         version is removed, or the server closes): giving up would leave the pool short for good."""
+        try:
+            await self._replace_until_loaded(pool)
+        finally:
+            self._replacing[pool.version] -= 1
+            if not self._replacing[pool.version]:
+                del self._replacing[pool.version]
+
+    async def _replace_until_loaded(self, pool: VersionPool) -> None:
         attempt = 0
         while not (pool.removing or self.closed):
             try:
@@ -185,6 +223,7 @@ class Router:
                 self.replicas.release(state)
             else:
                 pool.replicas.append(state)
+                self._release_waiting(pool)
             return
 
     async def _watch_loop(self) -> None:
@@ -230,9 +269,12 @@ class Router:
             t.cancel()
 
     def abort_pending(self, why: str) -> None:
-        """Answer every queued and in-flight request 503 now (the drain period is over)."""
+        """Answer every queued, held and in-flight request 503 now (the drain period is over)."""
         for r in self._all_replicas():
             r.batcher.abort(Overloaded(why, retry_after_s=5))
+        waiting, self._waiting = self._waiting, []
+        for p in waiting:
+            p.settle(error=Overloaded(why, retry_after_s=5))
 
     async def _drain(self, replicas: list[ReplicaState], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -22,14 +22,19 @@ ROWS_PER_REQUEST = 8
 
 
 def digits_server(
-    client: Client, package: tuple[PackageConfig, bytes], *, version: str, model: ModelSpec | None = None
+    client: Client,
+    package: tuple[PackageConfig, bytes],
+    *,
+    version: str,
+    model: ModelSpec | None = None,
+    replicas: int = 2,
 ) -> FastAPI:
     """An online server app ("digits", two replicas, default settings) on ``client``'s cluster."""
     config, weights = package
     if model is not None:
         config = config.model_copy(update={"model": model})
     return create_app(
-        config=ServeConfig(replicas=2),
+        config=ServeConfig(replicas=replicas),
         model=ServedModel(name="digits", version=version, package=config, weights=weights),
         scheduler_address=client.scheduler.address,
         keys=None,

@@ -95,6 +95,28 @@ def test_losing_a_replicas_worker_fails_no_request_and_the_replica_is_replaced(
     assert lost >= 1 and len(after) == 2
 
 
+def test_with_one_replica_requests_wait_for_its_replacement_instead_of_failing(
+    cluster3, digits_package, digits_rows, serve_app
+):
+    """The only replica's worker is SIGKILLed: the requests it held and those arriving while its
+    replacement loads wait for the replacement (within their 10 s deadline); none gets 503."""
+    rows = digits_rows[: 40 * ROWS_PER_REQUEST]
+    expected = expected_windows(digits_package, rows)
+    with serve_app(digits_server(cluster3, digits_package, version="single", replicas=1)) as url:
+        [victim] = httpx.get(f"{url}/health").json()["replicas"]
+        with SteadyLoad(url, rows).running() as load:
+            time.sleep(1.0)
+            before = len(load.answers)
+            sigkill(cluster3, victim["worker"], load)
+            after = wait_for_replicas(url, n=1, gone={victim["id"]})
+            time.sleep(0.5)
+        lost = replica_failures(url)
+    assert load.failures() == [], load.failures()
+    assert load.wrong(expected) == []
+    assert before >= 10 and len(load.answers) >= before + 10, (before, len(load.answers))
+    assert lost >= 1 and len(after) == 1
+
+
 def test_a_model_error_is_still_a_500_for_that_request_alone_and_the_replica_stays(
     cluster3, digits_package, digits_rows, serve_app
 ):
