@@ -165,8 +165,8 @@ class Router:
         return True
 
     def _release_waiting(self, pool: VersionPool) -> None:
-        """A replica of ``pool`` loaded: route the held requests again (past their deadline: 504
-        from the deadline loop, before this)."""
+        """A replacement for ``pool`` ended (loaded, or its version is being removed): route the
+        held requests again; those with nowhere to go wait for another replacement or get 503."""
         waiting, self._waiting = self._waiting, []
         for item in waiting:
             if not item.future.done():
@@ -204,6 +204,8 @@ class Router:
             self._replacing[pool.version] -= 1
             if not self._replacing[pool.version]:
                 del self._replacing[pool.version]
+            if not self.closed:  # loaded, or the version went: the held requests go where they can
+                self._release_waiting(pool)
 
     async def _replace_until_loaded(self, pool: VersionPool) -> None:
         attempt = 0
@@ -223,7 +225,6 @@ class Router:
                 self.replicas.release(state)
             else:
                 pool.replicas.append(state)
-                self._release_waiting(pool)
             return
 
     async def _watch_loop(self) -> None:
