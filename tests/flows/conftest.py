@@ -59,6 +59,7 @@ class _Quiet(WSGIRequestHandler):
 def tracking(mms_home, monkeypatch) -> Iterator[tuple[FlakyTracking, str]]:
     """(front, URI) of an MLflow tracking server on loopback over MMS_HOME/mlflow.db; MMS uses it."""
     from mlflow.server import ARTIFACT_ROOT_ENV_VAR, BACKEND_STORE_URI_ENV_VAR, app, handlers
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     monkeypatch.setenv(BACKEND_STORE_URI_ENV_VAR, f"sqlite:///{mms_home / 'mlflow.db'}")
@@ -68,6 +69,11 @@ def tracking(mms_home, monkeypatch) -> Iterator[tuple[FlakyTracking, str]]:
     # The server, and registry.client, set the process-wide tracking URI (and its variable): give
     # the next test what it had.
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    # The server also sets the process-wide registry URI (a global and MLFLOW_REGISTRY_URI) to its
+    # store when it opens it: give the next test what it had, or its own MlflowClient would read
+    # this test's registry.
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     prev_env = os.environ.get(MLFLOW_TRACKING_URI)
     # MLflow's client gives up at the first 503 instead of after its own backoff (minutes): the
     # fault outlasts the client's retries, and only the task's retry can recover from it.
